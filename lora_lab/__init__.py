@@ -1,0 +1,63 @@
+"""lora_lab: the helper package of the LoRA Lab course.
+
+Each module holds one concept; this file only re-exports the public names so a
+notebook can write ``from lora_lab import LoRALinear``. Names are resolved on
+first use, so importing ``lora_lab`` stays cheap and pulls in no heavy library
+(transformers, peft, bitsandbytes) until a chapter asks for it.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    # utils: seeding, device choice, environment report
+    "set_seed": "utils",
+    "get_device": "utils",
+    "print_versions": "utils",
+    "in_colab": "utils",
+    # low-rank helpers (chapter 2)
+    "low_rank_approx": "lowrank",
+    "sample_image": "lowrank",
+    # LoRA core (chapters 3, 4)
+    "LoRALinear": "lora",
+    "apply_lora": "lora",
+    "count_parameters": "lora",
+    "merge_lora": "lora",
+    # adapters in PEFT's format (chapter 7)
+    "save_adapter": "adapters",
+    "load_adapter": "adapters",
+    # the shipped model, its tokenizer and data (chapters 4-10)
+    "GPT": "model",
+    "GPTConfig": "model",
+    "load_pretrained": "model",
+    "load_model": "model",
+    "CharTokenizer": "tokenizer",
+    "get_task": "data",
+    "TASKS": "data",
+    "train": "train",
+    "generate": "train",
+    "evaluate": "train",
+    # memory estimator (chapter 1)
+    "estimate_memory": "memory",
+    # quantization (chapter 6)
+    "nf4_codebook": "quant",
+    "quantize_nf4": "quant",
+    "QLoRALinear": "quant",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lora_lab' has no attribute {name!r}")
+    value = getattr(import_module(f"lora_lab.{module}"), name)
+    globals()[name] = value  # cache: the next lookup is a plain attribute
+    return value
+
+
+def __dir__():
+    return __all__
