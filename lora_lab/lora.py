@@ -1,0 +1,344 @@
+"""LoRA: a frozen linear layer plus a trainable low-rank update, and its injection into a model.
+
+A LoRA layer computes ``y = W x + b + scaling * B (A x)`` where ``W`` (out, in) is frozen,
+``A`` is (rank, in), ``B`` is (out, rank) and ``scaling = alpha / rank`` (or
+``alpha / sqrt(rank)`` with rsLoRA). Attribute names follow PEFT's LoRA layer
+(``base_layer``, ``lora_A``, ``lora_B``, ``lora_dropout``, ``scaling``), so a model's
+state-dict keys are the ones PEFT writes in its adapter files.
+"""
+
+import math
+import numbers
+import re
+
+import torch
+import torch.nn as nn
+
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention projections
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_rank(rank, in_features, out_features):
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    limit = min(in_features, out_features)
+    if rank > limit:
+        raise ValueError(
+            f"rank must be at most min(in_features, out_features) = min({in_features}, "
+            f"{out_features}) = {limit} for this layer, got {rank!r}"
+        )
+
+
+def _check_alpha(alpha):
+    ok = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
+    if not ok or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number greater than 0, got {alpha!r}")
+
+
+def _check_dropout(dropout):
+    ok = isinstance(dropout, numbers.Real) and not isinstance(dropout, bool)
+    if not ok or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+
+
+def _check_rslora(use_rslora):
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}")
+
+
+def _check_base(base, rank):
+    if isinstance(base, LoRALinear):
+        raise TypeError("base is already a LoRALinear; wrap the plain nn.Linear only once")
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__name__}")
+    if not base.weight.is_floating_point():
+        raise TypeError(
+            f"base.weight must be a floating-point tensor, got dtype {base.weight.dtype} "
+            "(quantized layers need lora_lab.QLoRALinear or PEFT)"
+        )
+    _check_rank(rank, base.in_features, base.out_features)
+
+
+def check_hyperparameters(rank, alpha, dropout, use_rslora):
+    """Validate LoRA hyperparameters that do not depend on a layer's shape."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    _check_alpha(alpha)
+    _check_dropout(dropout)
+    _check_rslora(use_rslora)
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus the low-rank update ``scaling * B @ A``, as PEFT computes it.
+
+    ``merge()`` folds the update into the base weight and ``unmerge()`` takes it out again;
+    each raises RuntimeError when the layer is already in the state asked for, because a
+    second merge would add the update twice. While merged, the forward pass is the base
+    layer's alone, so ``lora_A`` and ``lora_B`` get no gradients: unmerge before training.
+    """
+
+    def __init__(self, base, rank=8, alpha=16, dropout=0.0, use_rslora=False):
+        super().__init__()
+        _check_base(base, rank)
+        _check_alpha(alpha)
+        _check_dropout(dropout)
+        _check_rslora(use_rslora)
+
+        self.base_layer = base.requires_grad_(False)  # frozen W (out, in) and b (out,)
+        self.rank = int(rank)
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        kw = {"bias": False, "device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Linear(base.in_features, self.rank, **kw)  # A: (rank, in)
+        self.lora_B = nn.Linear(self.rank, base.out_features, **kw)  # B: (out, rank)
+        self.reset_lora_parameters()
+        self.merged = False
+
+    def reset_lora_parameters(self):
+        """A ~ Kaiming-uniform (as nn.Linear's default and PEFT's), B = 0: the update starts at 0."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def in_features(self):
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self):
+        return self.base_layer.out_features
+
+    @property
+    def weight(self):
+        """The base layer's weight (some model code reads ``proj.weight``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x):  # x: (..., in)
+        y = self.base_layer(x)  # (..., out)
+        if self.merged:
+            return y  # the update already sits inside base_layer.weight
+        return y + self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))  # (..., out)
+
+    def delta_weight(self):
+        """The update ``scaling * B @ A`` as an (out, in) matrix, in the weight's dtype."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        if A.dtype in (torch.float16, torch.bfloat16):
+            return (self.scaling * (B.float() @ A.float())).to(A.dtype)  # accumulate in fp32
+        return self.scaling * (B @ A)  # (out, in)
+
+    @torch.no_grad()
+    def merge(self):
+        """Add the update to the base weight; forward then costs what the base costs."""
+        if self.merged:
+            raise RuntimeError("merge() called on a LoRALinear that is already merged")
+        weight = self.base_layer.weight
+        weight.add_(self.delta_weight().to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Subtract the update from the base weight again (exact up to float rounding)."""
+        if not self.merged:
+            raise RuntimeError("unmerge() called on a LoRALinear that is not merged")
+        weight = self.base_layer.weight
+        weight.sub_(self.delta_weight().to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self):
+        return (
+            f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, "
+            f"use_rslora={self.use_rslora}, merged={self.merged}"
+        )
+
+
+# ----------------------------------------------------------------------------- injection
+
+
+def _inside_lora(name, lora_names):
+    return any(name.startswith(prefix + ".") for prefix in lora_names)
+
+
+def _output_head(model):
+    """The output head that "all-linear" leaves alone, as a module (or None).
+
+    A transformers model names it through ``get_output_embeddings()``, which PEFT uses;
+    any other model's head is the module called ``lm_head`` (the name lora_lab's GPT uses).
+    """
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        return getter()
+    return getattr(model, "lm_head", None)
+
+
+def _linear_names(model):
+    """Names of the nn.Linear and LoRALinear layers of ``model``, not counting LoRA's own."""
+    lora_names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    return [
+        name
+        for name, module in model.named_modules()
+        if name
+        and isinstance(module, (nn.Linear, LoRALinear))
+        and not _inside_lora(name, lora_names)
+    ]
+
+
+def _check_target_modules(target_modules):
+    if isinstance(target_modules, str):
+        if target_modules.lower() == ALL_LINEAR:
+            return ALL_LINEAR
+        try:
+            re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(
+                f"target_modules {target_modules!r} is not a valid regular expression ({err})"
+            ) from None
+        return target_modules
+    ok = isinstance(target_modules, (list, tuple, set, frozenset)) and len(target_modules) > 0
+    if not ok or not all(isinstance(t, str) and t for t in target_modules):
+        raise TypeError(
+            "target_modules must be a non-empty list/tuple of module names, a regex string, "
+            f"or 'all-linear'; got {target_modules!r}"
+        )
+    return tuple(target_modules)
+
+
+def _matches(name, target_modules):
+    """PEFT's rule: a regex is matched against the full name, a list by name suffix."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def find_target_modules(model, target_modules=DEFAULT_TARGETS):
+    """The full names of the linear layers that ``target_modules`` selects in ``model``.
+
+    Raises ValueError if nothing matches (listing the linear layers that exist), TypeError
+    if a match is not an ``nn.Linear``, and ValueError if a match already carries LoRA.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    target_modules = _check_target_modules(target_modules)
+    linear = _linear_names(model)
+    if target_modules == ALL_LINEAR:
+        head = _output_head(model)
+        names = [n for n in linear if model.get_submodule(n) is not head]
+    else:
+        lora_names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+        names = [
+            n
+            for n, _ in model.named_modules()
+            if n and _matches(n, target_modules) and not _inside_lora(n, lora_names)
+        ]
+    if not names:
+        raise ValueError(
+            f"target_modules {target_modules!r} matched no module; the linear layers are: "
+            f"{_short_list(linear)}"
+        )
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear):
+            raise ValueError(
+                f"target_modules {target_modules!r} matched {name!r}, which already has LoRA; "
+                "apply LoRA once per layer (merge_lora first to start over)"
+            )
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"target_modules {target_modules!r} matched {name!r}, a "
+                f"{type(module).__name__}; LoRALinear wraps torch.nn.Linear layers only"
+            )
+    return names
+
+
+def _short_list(names, limit=40):
+    if not names:
+        return "(none)"
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _replace(model, name, new):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def apply_lora(
+    model,
+    rank=8,
+    alpha=16,
+    target_modules=DEFAULT_TARGETS,
+    dropout=0.0,
+    use_rslora=False,
+):
+    """Wrap the selected linear layers of ``model`` in LoRALinear (in place); return ``model``.
+
+    ``target_modules`` is matched as PEFT matches it: names match as suffixes of the full
+    module name, a string is a regex that must match the full name, and ``"all-linear"``
+    selects every linear layer but the output head. Every parameter that is not a LoRA
+    parameter is frozen.
+    """
+    check_hyperparameters(rank, alpha, dropout, use_rslora)
+    names = find_target_modules(model, target_modules)
+    for name in names:  # check every layer before changing any
+        try:
+            _check_base(model.get_submodule(name), rank)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (layer {name!r})") from None
+    for name in names:
+        _replace(
+            model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, use_rslora)
+        )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.lora_A.weight.requires_grad_(True)
+            module.lora_B.weight.requires_grad_(True)
+    return model
+
+
+def lora_layers(model):
+    """``{full name: LoRALinear}`` for every LoRA layer in ``model``, in module order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def count_parameters(model):
+    """``(trainable, total)`` parameter counts; a shared (tied) parameter counts once."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = list(model.parameters())  # parameters() already skips tied duplicates
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return trainable, sum(p.numel() for p in params)
+
+
+def merge_lora(model):
+    """Fold every LoRA update into its base weight and put the plain nn.Linear back.
+
+    Works in place and returns ``model`` (a LoRALinear passed alone comes back as its
+    nn.Linear). The base weights stay frozen, as they were under LoRA.
+    """
+    if isinstance(model, LoRALinear):
+        if not model.merged:
+            model.merge()
+        return model.base_layer
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("merge_lora: model has no LoRALinear layers to merge")
+    for name, layer in layers.items():
+        if not layer.merged:
+            layer.merge()
+        _replace(model, name, layer.base_layer)
+    return model
