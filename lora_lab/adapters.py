@@ -1,0 +1,289 @@
+"""Adapters on disk in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+A lora_lab adapter directory is one ``peft.PeftModel.from_pretrained(base, path)`` loads,
+and ``load_adapter`` reads the directories PEFT writes. Weights are safetensors only (never
+a pickle), and a save is written whole to a temporary directory and then renamed into place.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .lora import apply_lora, check_hyperparameters, find_target_modules, lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}  # what a save may replace
+PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
+
+# PEFT config entries that change the adapter's math and lora_lab does not implement:
+# entry -> the value that means "off". Loading refuses any other value.
+UNSUPPORTED = {
+    "use_dora": False,
+    "lora_bias": False,
+    "fan_in_fan_out": False,
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "layer_replication": None,
+    "exclude_modules": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+    "kasa_config": None,
+}
+
+
+# ----------------------------------------------------------------------------- what is saved
+
+
+def _layers_of(model):
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRALinear layers (call apply_lora or load_adapter first)")
+    return layers
+
+
+def _one_value(layers, what, get):
+    """The value ``get(layer)`` shared by every layer; PEFT's format stores one per adapter."""
+    values = {name: get(layer) for name, layer in layers.items()}
+    distinct = set(values.values())
+    if len(distinct) > 1:
+        raise ValueError(
+            f"the LoRA layers differ in {what} ({values}); an adapter file records a single "
+            f"{what}, so save layers with equal {what} only"
+        )
+    return distinct.pop()
+
+
+def _dropout_p(layer):
+    return float(getattr(layer.lora_dropout, "p", 0.0))
+
+
+def adapter_config(model):
+    """The ``adapter_config.json`` contents for the LoRA layers of ``model``, as a dict.
+
+    ``target_modules`` lists the full names of the wrapped layers, sorted, which selects
+    exactly those layers under PEFT's matching rule, whatever pattern chose them.
+    """
+    layers = _layers_of(model)
+    name_or_path = getattr(model, "name_or_path", None)
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": name_or_path
+        if isinstance(name_or_path, str) and name_or_path
+        else None,
+        "r": _one_value(layers, "rank", lambda m: m.rank),
+        "lora_alpha": _one_value(layers, "alpha", lambda m: m.alpha),
+        "lora_dropout": _one_value(layers, "dropout", _dropout_p),
+        "use_rslora": _one_value(layers, "use_rslora", lambda m: m.use_rslora),
+        "target_modules": sorted(layers),
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        **UNSUPPORTED,
+    }
+
+
+def adapter_state_dict(model):
+    """``{PEFT key: tensor}`` for every LoRA weight, e.g. ``base_model.model.<name>.lora_A.weight``."""
+    tensors = {}
+    for name, layer in _layers_of(model).items():
+        for part in ("lora_A", "lora_B"):
+            weight = getattr(layer, part).weight.detach()
+            tensors[f"{PREFIX}{name}.{part}.weight"] = weight.to("cpu").contiguous()
+    return tensors
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _as_path(path, arg="path"):
+    if not isinstance(path, (str, os.PathLike)) or str(path) == "":
+        raise TypeError(f"{arg} must be a non-empty str or os.PathLike, got {path!r}")
+    return Path(path)
+
+
+def _check_replaceable(target):
+    """Refuse to replace anything but a (possibly empty) adapter directory."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise FileExistsError(
+            f"path {str(target)!r} exists and is not a directory; not replacing it"
+        )
+    if not target.exists():
+        return
+    entries = set(os.listdir(target))
+    foreign = sorted(entries - ADAPTER_FILES)
+    if foreign or (entries and CONFIG_NAME not in entries):
+        raise FileExistsError(
+            f"path {str(target)!r} exists and is not an adapter directory (it holds "
+            f"{sorted(entries)}); save_adapter only replaces a directory holding "
+            f"{sorted(ADAPTER_FILES)}, so choose another path or remove it yourself"
+        )
+
+
+def _fsync(path):
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _move_into_place(tmp, target):
+    """Rename ``tmp`` to ``target``; an old adapter there is swapped out, then deleted."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rename(target, backup / "adapter")
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(backup / "adapter", target)  # put the old adapter back
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def save_adapter(model, path):
+    """Write the LoRA weights of ``model`` to the directory ``path`` in PEFT's format.
+
+    The files go to a temporary directory beside ``path`` that is then renamed, so a crash
+    never leaves half an adapter. An existing adapter directory at ``path`` is replaced
+    (swapped out, then deleted); any other existing file or directory is refused.
+    Returns ``path`` as a ``pathlib.Path``.
+    """
+    target = _as_path(path)
+    config, tensors = adapter_config(model), adapter_state_dict(model)
+    _check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            _fsync(tmp / name)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
+        _move_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _adapter_files(path):
+    folder = _as_path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"adapter directory {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"path {str(folder)!r} is a file; pass the adapter directory")
+    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(config_file)!r} is missing: not an adapter directory")
+    if not weights_file.is_file():
+        pickles = [n for n in PICKLE_NAMES if (folder / n).exists()]
+        if pickles:
+            raise ValueError(
+                f"{str(folder)!r} holds {pickles} but no {WEIGHTS_NAME}: lora_lab never loads "
+                "pickles; convert the adapter to safetensors (e.g. save it again with PEFT's "
+                "save_pretrained, which writes safetensors by default)"
+            )
+        raise FileNotFoundError(f"{str(weights_file)!r} is missing")
+    return config_file, weights_file
+
+
+def read_adapter_config(path):
+    """Read and check ``adapter_config.json`` in ``path``: a LoRA adapter lora_lab can load."""
+    config_file, _ = _adapter_files(path)
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{str(config_file)!r} must hold a JSON object, got {type(config).__name__}"
+        )
+    if config.get("peft_type") != "LORA":
+        raise ValueError(
+            f"peft_type must be 'LORA', got {config.get('peft_type')!r} in {str(config_file)!r}"
+        )
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise ValueError(f"{str(config_file)!r} has no {key!r} entry")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"bias={config['bias']!r} is not supported (only 'none'); use PEFT for it")
+    for key, off in UNSUPPORTED.items():
+        value = config.get(key, off)
+        if value not in (off, None, False, {}, [], ""):
+            raise ValueError(f"{key}={value!r} is not supported by lora_lab; use PEFT for it")
+    return config
+
+
+def _check_file(tensors, model, names, rank, weights_file):
+    """Every key used, every layer covered, every shape right: else raise before any change."""
+    expected = {}
+    for name in names:
+        base = model.get_submodule(name)
+        expected[f"{PREFIX}{name}.lora_A.weight"] = (rank, base.in_features)
+        expected[f"{PREFIX}{name}.lora_B.weight"] = (base.out_features, rank)
+    unused = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    if unused:
+        raise ValueError(f"{str(weights_file)!r} has keys that match no LoRA layer: {unused}")
+    if missing:
+        raise ValueError(f"{str(weights_file)!r} lacks the keys {missing}")
+    for key, shape in expected.items():
+        got = tuple(tensors[key].shape)
+        if got != shape:
+            raise ValueError(
+                f"shape mismatch for {key!r}: the file has {got}, the model needs {shape}"
+            )
+        if not tensors[key].is_floating_point():
+            raise ValueError(f"{key!r} has dtype {tensors[key].dtype}; expected a float tensor")
+
+
+def load_adapter(model, path):
+    """Inject the adapter at ``path`` (lora_lab's or PEFT's) into ``model`` and load it strictly.
+
+    Rank, alpha, dropout, rsLoRA and target modules come from ``adapter_config.json``. Every
+    tensor in the file must fill a LoRA weight of the right shape and every LoRA weight must
+    be filled; otherwise nothing in ``model`` changes. Weights are cast to the model's dtype
+    and device. The LoRA weights stay trainable, as after ``apply_lora``. Returns ``model``.
+    """
+    if lora_layers(model):
+        raise ValueError(
+            f"model already has LoRA layers ({sorted(lora_layers(model))[:4]}...); "
+            "load an adapter into a model without LoRA"
+        )
+    config = read_adapter_config(path)
+    _, weights_file = _adapter_files(path)
+    rank, alpha = config["r"], config["lora_alpha"]
+    dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
+    targets = config["target_modules"]
+    check_hyperparameters(rank, alpha, dropout, use_rslora)
+    names = find_target_modules(model, targets)
+    tensors = load_file(str(weights_file))  # safetensors: plain tensors, no code executed
+    _check_file(tensors, model, names, rank, weights_file)
+
+    apply_lora(model, rank, alpha, targets, dropout, use_rslora)
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            layer.lora_A.weight.copy_(tensors[f"{PREFIX}{name}.lora_A.weight"])
+            layer.lora_B.weight.copy_(tensors[f"{PREFIX}{name}.lora_B.weight"])
+    return model
