@@ -8,7 +8,7 @@ and QLoRA fine-tuning. ``measure_state_bytes`` and ``measure_activation_bytes`` 
 same quantities on a real model, so the two can be compared.
 
 Units: ``GB`` is 10**9 bytes (the unit of the lesson's "28 GB" for 7e9 fp32 weights) and
-``GiB`` is 2**30 bytes (what ``nvidia-smi`` and torch report as "GB").
+``GiB`` is 2**30 bytes (an "80 GB" A100 holds 80 GiB: nvidia-smi shows 81920 MiB).
 """
 
 import math
@@ -128,7 +128,7 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, config):
-        """A spec from a ModelSpec, a preset name, a transformers config (or its dict) or GPTConfig."""
+        """A spec from a preset name, a transformers config (or its dict) or a GPTConfig."""
         return _spec_from(config)
 
     # -- the tensors ----------------------------------------------------------------------
@@ -431,7 +431,10 @@ def optimizer_state_bytes(numels, optimizer, state_bytes):
     values, and the two 256-entry fp32 quantization maps shared by all tensors.
     """
     _check_choice("optimizer", optimizer, OPTIMIZERS)
+    _check_positive_int("state_bytes", state_bytes)
     numels = list(numels)
+    for n in numels:
+        _check_positive_int("every entry of numels", n)
     if optimizer == "sgd":
         return 0
     if optimizer == "sgd_momentum":
@@ -790,7 +793,9 @@ def estimate_memory(
     method: "full" trains every weight; "lora" freezes the base (no gradients, no optimizer
     state) and trains rank-``rank`` adapters on ``target_modules`` (default 8 and the
     attention projections); "qlora" also stores the blocks' linear weights in NF4
-    (``double_quant`` default True), the embeddings, norms and lm_head at ``precision``.
+    (``double_quant`` default True) and the rest (embeddings, norms, biases, lm_head) at
+    ``precision``, as transformers + bitsandbytes load it (PEFT's
+    ``prepare_model_for_kbit_training`` then casts that rest to fp32).
 
     convention: "lesson" keeps every tensor at ``precision`` (the lesson's table: 16 bytes
     per fp32 parameter, 8 per fp16 one, with AdamW); "mixed" is real mixed precision: 16-bit
@@ -946,6 +951,8 @@ def measure_state_bytes(model, optimizer=None):
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
     params, seen = list(model.parameters()), set()
+    if any(p.is_meta for p in params):
+        raise ValueError("model has parameters on the meta device; measure a materialised model")
     quant = [t for p in params for t in _quant_state_tensors(p)]
     out = {"params": _storages(params + quant, seen)}
     out["grads"] = _storages([p.grad for p in params if p.grad is not None], seen)

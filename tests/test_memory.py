@@ -490,6 +490,10 @@ def test_bad_specs_and_configs():
         measure_state_bytes("model")
     with pytest.raises(TypeError, match="optimizer"):
         measure_state_bytes(torch.nn.Linear(2, 2), optimizer="adamw")
+    with pytest.raises(ValueError, match="meta device"):
+        measure_state_bytes(meta_model(published_config("gpt2")))
+    with pytest.raises(ValueError, match="state_bytes must be a positive integer"):
+        optimizer_state_bytes([10], "adamw", 0)
     with pytest.raises(ValueError, match="requires grad"):
         measure_activation_bytes(torch.nn.Linear(2, 2), lambda: torch.zeros(()))
 
