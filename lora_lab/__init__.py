@@ -20,6 +20,7 @@ _EXPORTS = {
     # low-rank helpers (chapter 2)
     "low_rank_approx": "lowrank",
     "sample_image": "lowrank",
+    "energy_captured": "lowrank",
     # LoRA core (chapters 3, 4)
     "LoRALinear": "lora",
     "apply_lora": "lora",
@@ -41,6 +42,11 @@ _EXPORTS = {
     "evaluate": "train",
     # memory estimator (chapter 1)
     "estimate_memory": "memory",
+    "ModelSpec": "memory",
+    "PRESETS": "memory",
+    "lesson_table": "memory",
+    "measure_state_bytes": "memory",
+    "memory_calculator": "memory",
     # quantization (chapter 6)
     "nf4_codebook": "quant",
     "quantize_nf4": "quant",
