@@ -73,6 +73,18 @@ def _dropout_p(layer):
     return float(getattr(layer.lora_dropout, "p", 0.0))
 
 
+# The "off" entries a save writes: ones every PEFT since 0.13 knows (newer ones default to off).
+WRITTEN_OFF = (
+    "use_dora",
+    "fan_in_fan_out",
+    "modules_to_save",
+    "rank_pattern",
+    "alpha_pattern",
+    "layers_to_transform",
+    "layers_pattern",
+)
+
+
 def adapter_config(model):
     """The ``adapter_config.json`` contents for the LoRA layers of ``model``, as a dict.
 
@@ -80,13 +92,11 @@ def adapter_config(model):
     exactly those layers under PEFT's matching rule, whatever pattern chose them.
     """
     layers = _layers_of(model)
-    name_or_path = getattr(model, "name_or_path", None)
+    name = getattr(model, "name_or_path", None)  # set on transformers models
     return {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": name_or_path
-        if isinstance(name_or_path, str) and name_or_path
-        else None,
+        "base_model_name_or_path": name if isinstance(name, str) and name else None,
         "r": _one_value(layers, "rank", lambda m: m.rank),
         "lora_alpha": _one_value(layers, "alpha", lambda m: m.alpha),
         "lora_dropout": _one_value(layers, "dropout", _dropout_p),
@@ -95,7 +105,7 @@ def adapter_config(model):
         "bias": "none",
         "init_lora_weights": True,
         "inference_mode": True,
-        **UNSUPPORTED,
+        **{key: UNSUPPORTED[key] for key in WRITTEN_OFF},
     }
 
 
