@@ -1,0 +1,152 @@
+"""Write the cells every chapter shares, from the repository URL in _config.yml.
+
+Each chapter notebook starts with its title cell, then three standard cells:
+
+1. ``badge``: an "Open in Colab" badge linking to this notebook on GitHub;
+2. ``colab-setup``: installs lora_lab on Colab only (tagged ``hide-output``),
+   pinning torch to the version Colab already has so it is never reinstalled;
+3. ``environment``: prints versions, picks the device and seeds everything.
+
+Run ``python scripts/chapter_cells.py`` after changing the URL or adding a
+chapter; ``--check`` exits non-zero if any notebook is out of date (a test
+runs that). Cells are found by their ``lora-lab:`` tag and rewritten in place.
+"""
+
+import argparse
+import base64
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+TAG = "lora-lab:"
+
+# A small badge drawn for this course; embedded as a data URI so it shows
+# offline, in the book, in Jupyter and on GitHub alike.
+BADGE_SVG = """<svg xmlns="http://www.w3.org/2000/svg" width="117" height="20" role="img" \
+aria-label="Open in Colab"><rect width="117" height="20" rx="3" fill="#555"/>\
+<rect x="38" width="79" height="20" rx="3" fill="#f9ab00"/><rect x="38" width="6" height="20" \
+fill="#f9ab00"/><circle cx="13" cy="10" r="5" fill="none" stroke="#f9ab00" stroke-width="3"/>\
+<circle cx="24" cy="10" r="5" fill="none" stroke="#e8710a" stroke-width="3"/>\
+<text x="77" y="14" fill="#fff" font-family="Verdana,sans-serif" font-size="11" \
+text-anchor="middle">Open in Colab</text></svg>"""
+
+
+def repository():
+    """(owner/name URL without trailing slash, branch) from _config.yml."""
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    repo = config.get("repository") or {}
+    url, branch = repo.get("url"), repo.get("branch", "main")
+    if not url or not url.startswith("https://github.com/"):
+        raise SystemExit(f"_config.yml: repository.url must be a https://github.com/ URL, got {url!r}")
+    return url.rstrip("/"), branch
+
+
+def colab_url(url, branch, notebook):
+    """The Colab address that opens ``notebook`` from the repository."""
+    path = notebook.relative_to(ROOT).as_posix()
+    return f"https://colab.research.google.com/github/{url.removeprefix('https://github.com/')}/blob/{branch}/{path}"
+
+
+def standard_cells(url, branch, notebook):
+    """The three standard cells for one notebook, as nbformat-style dicts."""
+    data = base64.b64encode(BADGE_SVG.encode()).decode()
+    badge = (
+        f'<a href="{colab_url(url, branch, notebook)}">'
+        f'<img src="data:image/svg+xml;base64,{data}" alt="Open In Colab" width="117" height="20"/></a>'
+    )
+    setup = (
+        "# On Colab, install lora_lab from the course repository. torch is pinned to\n"
+        "# the version Colab already has, so it is never reinstalled. Elsewhere this\n"
+        "# cell does nothing: a local install follows the README.\n"
+        "import sys\n"
+        "\n"
+        'if "google.colab" in sys.modules:\n'
+        "    import torch\n"
+        f'    !pip install -q "lora-lab @ git+{url}@{branch}" "torch=={{torch.__version__}}"'
+    )
+    environment = (
+        "import lora_lab\n"
+        "from lora_lab import get_device, set_seed\n"
+        "\n"
+        "lora_lab.print_versions()\n"
+        "device = get_device()  # CUDA if present, else Apple's MPS, else the CPU\n"
+        "set_seed(0)"
+    )
+    return [
+        _cell("markdown", badge, ["badge"]),
+        _cell("code", setup, ["colab-setup", "hide-output"]),
+        _cell("code", environment, ["environment"]),
+    ]
+
+
+def _cell(kind, source, tags):
+    names = [TAG + tags[0]] + tags[1:]
+    cell = {"cell_type": kind, "id": tags[0], "metadata": {"tags": names}, "source": source}
+    if kind == "code":
+        cell.update(execution_count=None, outputs=[])
+    return cell
+
+
+def _tag(cell):
+    for tag in cell.get("metadata", {}).get("tags", []):
+        if tag.startswith(TAG):
+            return tag
+    return None
+
+
+def update(notebook, url, branch):
+    """Return the notebook's JSON with its standard cells written; keep outputs of unchanged cells."""
+    nb = json.loads(notebook.read_text())
+    cells = nb["cells"]
+    if not cells or cells[0]["cell_type"] != "markdown":
+        raise SystemExit(f"{notebook.name}: the first cell must be the markdown title cell")
+    existing = {_tag(c): c for c in cells if _tag(c)}
+    rest = [c for c in cells[1:] if not _tag(c)]
+    fresh = []
+    for cell in standard_cells(url, branch, notebook):
+        old = existing.get(_tag(cell))
+        if old is not None and _source(old) == cell["source"] and old["metadata"].get("tags") == cell["metadata"]["tags"]:
+            fresh.append(old)  # unchanged: keep its id and outputs
+        else:
+            fresh.append(cell)
+    nb["cells"] = [cells[0], *fresh, *rest]
+    return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+
+
+def _source(cell):
+    src = cell["source"]
+    return "".join(src) if isinstance(src, list) else src
+
+
+def chapters():
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if a notebook is out of date")
+    args = parser.parse_args(argv)
+    url, branch = repository()
+    stale = []
+    for notebook in chapters():
+        text = update(notebook, url, branch)
+        if text != notebook.read_text():
+            stale.append(notebook.name)
+            if not args.check:
+                tmp = notebook.with_suffix(".ipynb.tmp")
+                tmp.write_text(text)
+                tmp.replace(notebook)
+    if args.check and stale:
+        print("out of date (run python scripts/chapter_cells.py):", ", ".join(stale))
+        return 1
+    for name in stale:
+        print("updated", name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
