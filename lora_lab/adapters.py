@@ -286,8 +286,11 @@ def load_adapter(model, path):
     rank, alpha = config["r"], config["lora_alpha"]
     dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
     targets = config["target_modules"]
-    check_hyperparameters(rank, alpha, dropout, use_rslora)
-    names = find_target_modules(model, targets)
+    try:
+        check_hyperparameters(rank, alpha, dropout, use_rslora)
+        names = find_target_modules(model, targets)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{err} (read from {str(path)!r}/{CONFIG_NAME})") from None
     tensors = load_file(str(weights_file))  # safetensors: plain tensors, no code executed
     _check_file(tensors, model, names, rank, weights_file)
 

@@ -228,7 +228,7 @@ def find_target_modules(model, target_modules=DEFAULT_TARGETS):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    target_modules = _check_target_modules(target_modules)
+    given, target_modules = target_modules, _check_target_modules(target_modules)
     linear = _linear_names(model)
     if target_modules == ALL_LINEAR:
         head = _output_head(model)
@@ -242,19 +242,19 @@ def find_target_modules(model, target_modules=DEFAULT_TARGETS):
         ]
     if not names:
         raise ValueError(
-            f"target_modules {target_modules!r} matched no module; the linear layers are: "
+            f"target_modules {given!r} matched no module; the linear layers are: "
             f"{_short_list(linear)}"
         )
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             raise ValueError(
-                f"target_modules {target_modules!r} matched {name!r}, which already has LoRA; "
+                f"target_modules {given!r} matched {name!r}, which already has LoRA; "
                 "apply LoRA once per layer (merge_lora first to start over)"
             )
         if not isinstance(module, nn.Linear):
             raise TypeError(
-                f"target_modules {target_modules!r} matched {name!r}, a "
+                f"target_modules {given!r} matched {name!r}, a "
                 f"{type(module).__name__}; LoRALinear wraps torch.nn.Linear layers only"
             )
     return names

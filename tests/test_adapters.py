@@ -301,7 +301,7 @@ def test_bad_hyperparameters_in_config(tmp_path, key, value):
     config = json.loads(config_file.read_text())
     config[key] = value
     config_file.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=rf"got {value}"):
+    with pytest.raises(ValueError, match=rf"got {value} \(read from .*adapter_config.json\)"):
         load_adapter(tiny_llama(), tmp_path / "a")
 
 
