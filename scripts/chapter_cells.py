@@ -114,6 +114,9 @@ def update(notebook, url, branch):
         else:
             fresh.append(cell)
     nb["cells"] = [cells[0], *fresh, *rest]
+    # widget state would make the book load widget code from a CDN; a widget
+    # comes alive only in a running kernel, and each is followed by a static figure
+    nb["metadata"].pop("widgets", None)
     return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
 
 

@@ -56,6 +56,11 @@ def build(out_dir):
     """Build the HTML book into ``out_dir`` with execution off and warnings as errors."""
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     config["execute"]["execute_notebooks"] = "off"  # use the committed outputs
+    # the config is written elsewhere, so make its paths absolute
+    sphinx = config["sphinx"]
+    sphinx["config"]["html_static_path"] = [str(ROOT / p) for p in sphinx["config"]["html_static_path"]]
+    sphinx["local_extensions"] = {k: str(ROOT / v) for k, v in sphinx["local_extensions"].items()}
+    config["html"]["favicon"] = str(ROOT / config["html"]["favicon"])
     cfg = Path(out_dir) / "_config.yml"
     cfg.write_text(yaml.safe_dump(config))
     cmd = [

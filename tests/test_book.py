@@ -48,6 +48,9 @@ def open_page(browser, site, page_path):
     page.on("console", on_console)
     page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
     page.on("requestfailed", lambda req: req.url.startswith(site) and errors.append(f"failed: {req.url}"))
+    # the book must read offline: nothing may be fetched from another host
+    page.on("request", lambda req: req.url.startswith(("http:", "https:"))
+            and not req.url.startswith(site) and errors.append(f"external request: {req.url}"))
     response = page.goto(site + page_path + ".html", wait_until="load")
     assert response is not None and response.ok, f"{page_path}.html: HTTP {response and response.status}"
     return page, errors
