@@ -27,7 +27,7 @@ export PYTHONHASHSEED := 0
 
 .PHONY: setup book test unit notebooks lint clean
 
-setup: $(STAMP) _static/mathjax/tex-chtml.js
+setup: $(STAMP) _vendor/mathjax/tex-chtml.js
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 
-_static/mathjax/tex-chtml.js: $(STAMP)
+_vendor/mathjax/tex-chtml.js: $(STAMP)
 	$(PY) scripts/vendor_mathjax.py
 
 book: setup
@@ -57,4 +57,4 @@ notebooks: setup
 test: lint unit notebooks
 
 clean:
-	rm -rf _build _static/mathjax
+	rm -rf _build _vendor/mathjax

@@ -1,4 +1,4 @@
-"""Copy MathJax 3 into _static/mathjax so the book typesets math offline.
+"""Copy MathJax 3 into _vendor/mathjax so the book typesets math offline.
 
 The files come from the `django-static-mathjax` wheel (a plain copy of the
 MathJax 3 release, installed by requirements.txt); nothing is committed.
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET = ROOT / "_static" / "mathjax"
+TARGET = ROOT / "_vendor" / "mathjax"
 # the speech-rule engine and the "-full" bundles are large and not used
 SKIP = shutil.ignore_patterns("sre", "*-full*.js", "*speech*")
 
