@@ -1,0 +1,527 @@
+"""4-bit weights for QLoRA: NF4 from normal quantiles, double quantization, int4/fp4, QLoRALinear.
+
+Every format here cuts a tensor into blocks of ``blocksize`` values. A block keeps its
+absolute maximum (absmax) as a float32 constant, and each value as a 4-bit code: an
+index into a 16-entry codebook of numbers in [-1, 1]. A value decodes as
+``codebook[code] * absmax``. Codes are packed two per byte, the first value of a pair in
+the high nibble, which is how bitsandbytes lays them out.
+
+Double quantization (QLoRA's second trick) stores the block constants themselves in
+8 bits: their mean is subtracted, then they are quantized in blocks of 256 with the
+signed 8-bit dynamic type, each of those blocks keeping one float32 absmax.
+
+The NF4 path equals bitsandbytes' ``quantize_4bit(..., quant_type="nf4")`` and
+``dequantize_4bit`` bit for bit; tests/test_quant.py checks it.
+"""
+
+import math
+import numbers
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NF4_OFFSET = 0.9677083  # outer NF4 quantile 1 - (1/30 + 1/32) / 2, to 7 digits as bitsandbytes
+DQ_BLOCKSIZE = 256  # double quantization: block constants are quantized 256 at a time
+QUANT_TYPES = ("nf4", "fp4", "int4")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TINY = torch.finfo(torch.float32).tiny  # stands in for absmax = 0 (an all-zero block)
+_CHUNK_BYTES = 1 << 16  # dequantize() on a CPU works through the codes 64 KiB at a time
+
+
+# ----------------------------------------------------------------------------- codebooks
+
+
+def nf4_codebook(device=None):
+    """The 16 NF4 levels, sorted: N(0, 1) quantiles, 7 negative, an exact 0 and 8 positive, in [-1, 1].
+
+    Each side takes equally spaced probabilities from the median (0.5) out to NF4_OFFSET,
+    so every level covers about the same probability mass of a normal weight. Built in
+    float32 steps like bitsandbytes, the table equals the one it ships bit for bit.
+    """
+    pos_p = torch.linspace(NF4_OFFSET, 0.5, 9, dtype=torch.float32)[:-1]  # 8 positive levels
+    neg_p = torch.linspace(NF4_OFFSET, 0.5, 8, dtype=torch.float32)[:-1]  # 7 negative levels
+    pos = torch.special.ndtri(pos_p.double())  # inverse normal CDF, in standard deviations
+    neg = -torch.special.ndtri(neg_p.double())
+    zero = torch.zeros(1, dtype=torch.float64)  # the median: an exact zero level
+    levels = torch.cat([neg, zero, pos]).float().sort().values  # (16,)
+    return (levels / levels.max()).to(device)  # normalized so the largest level is 1
+
+
+def fp4_codebook(device=None):
+    """FP4 in the e2m1 layout, indexed by the code's bits ``s e e m``, normalized to [-1, 1].
+
+    A code is a tiny float: sign s, a 2-bit exponent e (bias 1) and a 1-bit mantissa m,
+    worth ``2**(e-1) * (1 + m/2)``, or ``m/2`` when e = 0 (subnormal). The magnitudes are
+    0, 0.5, 1, 1.5, 2, 3, 4, 6; dividing by 6 puts them in [-1, 1].
+    """
+    code = torch.arange(16)
+    sign = 1.0 - 2.0 * (code >> 3)
+    exponent, mantissa = (code >> 1) & 3, code & 1
+    normal = 2.0 ** (exponent - 1) * (1 + 0.5 * mantissa)
+    magnitude = torch.where(exponent == 0, 0.5 * mantissa, normal)
+    return (sign * magnitude / 6).float().to(device)  # code 8 is -0.0
+
+
+def int4_codebook(device=None):
+    """Symmetric int4: code = the integer q in 4-bit two's complement, value = q / 7.
+
+    Only q in -7..7 is ever chosen (q = -8 would lie outside [-1, 1]), so zero is exact
+    and the grid is the same on both sides.
+    """
+    q = torch.arange(16)
+    q = torch.where(q >= 8, q - 16, q)  # two's complement: codes 8..15 are -8..-1
+    return (q.float() / 7).to(device)
+
+
+_CODEBOOKS = {"nf4": nf4_codebook, "fp4": fp4_codebook, "int4": int4_codebook}
+
+
+def dynamic_map(device=None):
+    """The signed 8-bit dynamic type that double quantization codes the constants with.
+
+    256 sorted values in [-1, 1]: 0, 1, and for each decade i = 0..6 the centres of 2**i
+    equal bins of [0.1, 1] scaled by 10**(i - 6), with both signs. Small numbers get
+    fine steps and large ones coarse steps, like a float with few mantissa bits.
+    """
+    parts = [torch.zeros(1), torch.ones(1)]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32)
+        centres = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - 6)  # (2**i,)
+        parts += [centres, -centres]
+    return torch.cat(parts).sort().values.to(device)  # (256,)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_tensor(w, name):
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {w.dtype}"
+        )
+    if w.numel() == 0:
+        raise ValueError(f"{name} must have at least one element, got shape {tuple(w.shape)}")
+
+
+def _check_finite(w, absmax, name):
+    """A NaN or inf value makes its block's absmax NaN or inf, so checking absmax is enough."""
+    if bool(torch.isfinite(absmax).all()):
+        return
+    bad = (~torch.isfinite(w)).reshape(-1)
+    first = int(bad.nonzero()[0])
+    raise ValueError(
+        f"{name} must be finite, but {int(bad.sum())} of its {w.numel()} values are NaN or "
+        f"inf (the first at flat index {first}, value {w.reshape(-1)[first].item()}); "
+        "absmax scaling cannot represent them"
+    )
+
+
+def _check_blocksize(blocksize):
+    ok = isinstance(blocksize, numbers.Integral) and not isinstance(blocksize, bool)
+    if not ok or blocksize <= 0 or blocksize & (blocksize - 1):
+        raise ValueError(
+            f"blocksize must be a positive power of two (e.g. 32, 64, 128, 256), got {blocksize!r}"
+        )
+
+
+def _check_flag(value, name):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- the container
+
+
+class QuantizedTensor:
+    """A tensor stored as 4-bit codes in blocks, each block scaled by its absmax.
+
+    ``packed`` holds the codes, ``absmax`` gives the block constants (decoded from their
+    8-bit form when double-quantized), ``dequantize()`` rebuilds the float tensor and
+    ``nbytes`` counts what is really stored. The codebook is a property of the format,
+    shared by every tensor, so it is not counted.
+    """
+
+    def __init__(
+        self,
+        quant_type,
+        packed,
+        codebook,
+        shape,
+        dtype,
+        blocksize,
+        absmax=None,
+        absmax_codes=None,
+        absmax_scale=None,
+        absmax_offset=None,
+    ):
+        self.quant_type = quant_type  # "nf4", "fp4" or "int4"
+        self.packed = packed  # (ceil(n / 2),) uint8: two codes a byte, the first in the high nibble
+        self.codebook = codebook  # (16,) float32: a code's value in units of its block's absmax
+        self.shape = torch.Size(shape)  # the original tensor's shape
+        self.dtype = dtype  # the original dtype: dequantize() returns it
+        self.blocksize = blocksize  # values per block
+        self._absmax = absmax  # (n_blocks,) float32, or None when double-quantized
+        self.absmax_codes = absmax_codes  # (n_blocks,) uint8 codes of absmax - offset (dynamic map)
+        self.absmax_scale = absmax_scale  # (ceil(n_blocks / 256),) float32 second-level absmax
+        self.absmax_offset = absmax_offset  # () float32: the mean, subtracted before coding
+
+    @property
+    def double_quant(self):
+        return self.absmax_codes is not None
+
+    @property
+    def numel(self):
+        return math.prod(self.shape)
+
+    @property
+    def n_blocks(self):
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def codes(self):
+        """The 4-bit codes, one per value, unpacked: (n,) uint8 in 0..15."""
+        pairs = torch.stack([self.packed >> 4, self.packed & 15], dim=1)  # (n_bytes, 2)
+        return pairs.reshape(-1)[: self.numel]
+
+    @property
+    def absmax(self):
+        """The float32 block constants dequantize() multiplies by: (n_blocks,)."""
+        if not self.double_quant:
+            return self._absmax
+        scale = self.absmax_scale.repeat_interleave(DQ_BLOCKSIZE)[: self.n_blocks]  # (n_blocks,)
+        table = dynamic_map(self.absmax_codes.device)
+        return table[self.absmax_codes.long()] * scale + self.absmax_offset
+
+    def stored_tensors(self):
+        """``{name: tensor}`` of everything kept per tensor (what ``nbytes`` counts)."""
+        names = ("packed", "absmax", "absmax_codes", "absmax_scale", "absmax_offset")
+        stored = {
+            "packed": self.packed,
+            "absmax": self._absmax,
+            "absmax_codes": self.absmax_codes,
+            "absmax_scale": self.absmax_scale,
+            "absmax_offset": self.absmax_offset,
+        }
+        return {name: stored[name] for name in names if stored[name] is not None}
+
+    @property
+    def nbytes(self):
+        """Bytes stored: packed codes plus the block constants (8-bit + scales + offset with DQ)."""
+        return sum(t.numel() * t.element_size() for t in self.stored_tensors().values())
+
+    @property
+    def bits_per_weight(self):
+        """Stored bits per value: 4 + 32/blocksize, or 4 + 8/blocksize + 32/(256 blocksize) with DQ."""
+        return 8 * self.nbytes / self.numel
+
+    def dequantize(self, dtype=None):
+        """The float tensor back: ``codebook[code] * absmax`` per value, in ``dtype`` (default: the original)."""
+        dtype = self.dtype if dtype is None else dtype
+        n, bs = self.numel, self.blocksize
+        byte = torch.arange(256, device=self.packed.device)
+        pair_table = self.codebook[torch.stack([byte >> 4, byte & 15], dim=1)]  # (256, 2)
+        absmax = self.absmax
+        values = torch.empty(2 * self.packed.numel(), device=self.packed.device)  # float32
+        # look up and scale a chunk at a time, so the chunk is still in cache when scaled
+        # (on a CPU; a GPU does the whole tensor at once)
+        full_bytes = (n - n % bs) // 2  # bytes that hold whole blocks
+        step = max(_CHUNK_BYTES, bs // 2) if self.packed.device.type == "cpu" else full_bytes
+        for start in range(0, full_bytes, max(step, 1)):
+            stop = min(start + step, full_bytes)
+            chunk = values[2 * start : 2 * stop]  # (2 (stop - start),)
+            torch.index_select(pair_table, 0, self.packed[start:stop].int(), out=chunk.view(-1, 2))
+            chunk.view(-1, bs).mul_(absmax[2 * start // bs : 2 * stop // bs, None])
+        if 2 * full_bytes < n:  # the last, partial block (and a pad code when n is odd)
+            tail = values[2 * full_bytes :]
+            torch.index_select(pair_table, 0, self.packed[full_bytes:].int(), out=tail.view(-1, 2))
+            tail.mul_(absmax[-1])
+        return values[:n].to(dtype).view(self.shape)
+
+    def __repr__(self):
+        return (
+            f"QuantizedTensor({self.quant_type}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+            f"blocksize={self.blocksize}, double_quant={self.double_quant}, "
+            f"{self.nbytes} bytes = {self.bits_per_weight:.3f} bits/weight)"
+        )
+
+
+# ----------------------------------------------------------------------------- quantizers
+
+
+def _nearest(x, levels):
+    """Index of the nearest of the sorted ``levels`` for each x; a tie goes to the lower level."""
+    midpoints = (levels[:-1] + levels[1:]) / 2  # the decision thresholds
+    return torch.bucketize(x, midpoints, out_int32=True)  # midpoints[i-1] < x <= midpoints[i]
+
+
+def _encoding(codebook):
+    """The codebook's sorted usable levels and their codes (not -0.0, nothing outside [-1, 1])."""
+    negative_zero = (codebook == 0) & torch.signbit(codebook)
+    codes = torch.nonzero((codebook.abs() <= 1) & ~negative_zero).flatten()
+    order = torch.argsort(codebook[codes])
+    return codebook[codes][order], codes[order].to(torch.uint8)
+
+
+def _scaled_blocks(flat, blocksize):
+    """Each value over its block's absmax, and the absmax: (n,) in [-1, 1] and (n_blocks,)."""
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)  # (n_full_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)  # (n_full_blocks,)
+    scaled = (blocks * (1.0 / absmax.clamp(min=_TINY))[:, None]).view(-1)
+    if full == n:
+        return scaled, absmax
+    # a last, partial block: bitsandbytes divides here (and multiplies by the reciprocal
+    # above); doing the same keeps every code equal to its, down to the rounding
+    tail_absmax = flat[full:].abs().amax()
+    tail = flat[full:] / tail_absmax.clamp(min=_TINY)
+    return torch.cat([scaled, tail]), torch.cat([absmax, tail_absmax[None]])
+
+
+def _pack(codes, pad_code):
+    """(n,) uint8 codes -> (ceil(n / 2),) bytes, the first code of each pair in the high nibble."""
+    if codes.numel() % 2:
+        codes = torch.cat([codes, pad_code.reshape(1)])
+    return (codes[0::2] << 4) | codes[1::2]
+
+
+def _double_quantize(absmax):
+    """The block constants in 8 bits: (codes (n_blocks,) uint8, scale (ceil(n/256),), offset ())."""
+    offset = absmax.mean()  # the constants are all positive: centring them uses both signs
+    centred = absmax - offset
+    n = centred.numel()
+    padded = F.pad(centred, (0, -n % DQ_BLOCKSIZE)).view(-1, DQ_BLOCKSIZE)  # (n_dq_blocks, 256)
+    scale = padded.abs().amax(dim=1)  # (n_dq_blocks,)
+    normed = centred / scale.clamp(min=_TINY).repeat_interleave(DQ_BLOCKSIZE)[:n]  # in [-1, 1]
+    codes = _nearest(normed, dynamic_map(absmax.device)).to(torch.uint8)
+    return codes, scale, offset
+
+
+def quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=False):
+    """Quantize ``w`` blockwise to 4 bits in ``quant_type`` ("nf4", "fp4" or "int4").
+
+    Each value becomes the code of the codebook level nearest to ``value / absmax`` of its
+    block (a tie goes to the lower level, as in bitsandbytes). Returns a QuantizedTensor.
+    """
+    return _quantize(w, blocksize, quant_type, double_quant, name="w")
+
+
+def _quantize(w, blocksize, quant_type, double_quant, name):
+    _check_tensor(w, name)
+    _check_blocksize(blocksize)
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    _check_flag(double_quant, "double_quant")
+
+    codebook = _CODEBOOKS[quant_type](w.device)
+    levels, level_codes = _encoding(codebook)
+    flat = w.detach().reshape(-1).float()  # (n,) float32, as bitsandbytes computes
+    scaled, absmax = _scaled_blocks(flat, blocksize)  # (n,), (n_blocks,)
+    _check_finite(w, absmax, name)
+    index = _nearest(scaled, levels)  # (n,) int32 position in the sorted levels
+    codes = index.to(torch.uint8) if quant_type == "nf4" else level_codes[index]  # (n,)
+    zero_code = level_codes[_nearest(torch.zeros(1, device=w.device), levels)]  # pads odd n
+    packed = _pack(codes, zero_code)
+
+    stored = {"absmax": absmax}
+    if double_quant:
+        codes8, scale, offset = _double_quantize(absmax)
+        stored = {"absmax_codes": codes8, "absmax_scale": scale, "absmax_offset": offset}
+    return QuantizedTensor(quant_type, packed, codebook, w.shape, w.dtype, blocksize, **stored)
+
+
+def quantize_nf4(w, blocksize=64, double_quant=False):
+    """NF4: 4-bit codes whose levels are normal quantiles, one float32 absmax per block."""
+    return quantize_4bit(w, blocksize, "nf4", double_quant)
+
+
+def quantize_fp4(w, blocksize=64, double_quant=False):
+    """FP4 (e2m1) baseline: each code is a 4-bit float, scaled by its block's absmax."""
+    return quantize_4bit(w, blocksize, "fp4", double_quant)
+
+
+def quantize_int4(w, blocksize=64, double_quant=False):
+    """Symmetric int4 baseline: 15 evenly spaced levels -7/7 .. 7/7 of the block's absmax."""
+    return quantize_4bit(w, blocksize, "int4", double_quant)
+
+
+# ----------------------------------------------------------------------------- QLoRA layer
+
+
+class _Linear4bit(torch.autograd.Function):
+    """``x @ W.T + b`` with W kept in 4 bits: dequantized in forward, and again in backward.
+
+    Only the 4-bit weight is saved for backward, never the float matrix, which is where
+    QLoRA saves memory and why a step costs more time than plain LoRA's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, qweight, bias, dtype):
+        ctx.qweight, ctx.dtype = qweight, dtype
+        return F.linear(x, qweight.dequantize(dtype), bias)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ ctx.qweight.dequantize(ctx.dtype)  # (..., in)
+        if ctx.needs_input_grad[2]:  # only if someone unfroze the bias
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out,)
+        return grad_x, None, grad_bias, None
+
+
+def _check_qlora_args(base, rank, alpha, dropout, compute_dtype):
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__name__}")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    limit = min(base.in_features, base.out_features)
+    if rank > limit:
+        raise ValueError(
+            f"rank must be at most min(in_features, out_features) = {limit} for this layer, "
+            f"got {rank!r}"
+        )
+    ok = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
+    if not ok or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number greater than 0, got {alpha!r}")
+    ok = isinstance(dropout, numbers.Real) and not isinstance(dropout, bool)
+    if not ok or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if compute_dtype is not None and compute_dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            "compute_dtype must be None (the base weight's dtype) or one of "
+            f"{[str(d) for d in _FLOAT_DTYPES]}, got {compute_dtype!r}"
+        )
+
+
+class QLoRALinear(nn.Module):
+    """QLoRA: a frozen NF4 copy of an ``nn.Linear``'s weight plus a trainable LoRA update.
+
+    ``y = dequant(W) x + b + scaling * B (A x)``. The float weight is not kept: the layer
+    holds only the 4-bit codes and block constants (buffers) and the frozen bias. ``lora_A``
+    (rank, in) and ``lora_B`` (out, rank) follow PEFT's names and init, in float32 (or
+    float64 for a float64 base) whatever the base dtype. Move it with ``.to(device)``;
+    casting it with ``.half()`` would round the block constants.
+    """
+
+    def __init__(
+        self,
+        base,
+        rank=8,
+        alpha=16,
+        dropout=0.0,
+        blocksize=64,
+        double_quant=True,
+        compute_dtype=None,
+    ):
+        super().__init__()
+        _check_qlora_args(base, rank, alpha, dropout, compute_dtype)
+        weight = base.weight.detach()  # only its 4-bit copy is kept
+
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.scaling = int(rank), alpha, alpha / rank
+        self.blocksize, self.double_quant = blocksize, double_quant
+        self.compute_dtype = weight.dtype if compute_dtype is None else compute_dtype
+        self._weight_dtype = weight.dtype
+
+        qweight = _quantize(weight, blocksize, "nf4", double_quant, name="base.weight")
+        stored = qweight.stored_tensors()
+        for name in ("packed", "absmax", "absmax_codes", "absmax_scale", "absmax_offset"):
+            self.register_buffer(f"weight_{name}", stored.get(name))  # None if not stored
+        self.register_buffer("weight_codebook", qweight.codebook, persistent=False)
+        bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), False)
+        self.register_parameter("bias", bias)  # frozen, kept in its own precision
+
+        lora_dtype = torch.promote_types(weight.dtype, torch.float32)  # "higher precision"
+        kw = {"bias": False, "device": weight.device, "dtype": lora_dtype}
+        self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, self.rank, **kw)  # A: (rank, in)
+        self.lora_B = nn.Linear(self.rank, self.out_features, **kw)  # B: (out, rank)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        """A ~ Kaiming-uniform(a=sqrt(5)) as in PEFT, B = 0: the update starts at exactly 0."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def weight(self):
+        """The frozen base weight as a QuantizedTensor (NF4), rebuilt around the buffers."""
+        return QuantizedTensor(
+            "nf4",
+            self.weight_packed,
+            self.weight_codebook,
+            (self.out_features, self.in_features),
+            self._weight_dtype,
+            self.blocksize,
+            absmax=self.weight_absmax,
+            absmax_codes=self.weight_absmax_codes,
+            absmax_scale=self.weight_absmax_scale,
+            absmax_offset=self.weight_absmax_offset,
+        )
+
+    def forward(self, x):  # x: (..., in)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have in_features = {self.in_features} values in its last dimension, "
+                f"got shape {tuple(x.shape)}"
+            )
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        y = _Linear4bit.apply(x.to(self.compute_dtype), self.weight, bias, self.compute_dtype)
+        x_lora = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        update = self.scaling * self.lora_B(self.lora_A(x_lora))  # (..., out)
+        return (y + update.to(y.dtype)).to(x.dtype)
+
+    def delta_weight(self):
+        """The update ``scaling * B @ A`` as an (out, in) matrix, in the LoRA dtype."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+    @torch.no_grad()
+    def merge(self):
+        """A new float ``nn.Linear`` holding dequant(W) + scaling * B @ A, in compute_dtype.
+
+        The 4-bit base cannot take the update in place: it has to be dequantized first
+        (and re-quantizing the sum would lose much of the update; see requantize_error).
+        """
+        merged = self.weight.dequantize(torch.float32) + self.delta_weight().float()
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=merged.device,
+            dtype=self.compute_dtype,
+        )
+        linear.weight.copy_(merged)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
+
+    @torch.no_grad()
+    def requantize_error(self):
+        """||NF4(W') - W'|| / ||dW|| for the merged weight W' = dequant(W) + dW.
+
+        How large the noise of re-quantizing the merged weight is next to the update it
+        should carry: near or above 1, the fine-tuning is mostly lost in that noise.
+        """
+        delta = self.delta_weight().float()
+        update_norm = delta.norm()
+        if update_norm == 0:
+            raise RuntimeError(
+                "requantize_error: the update scaling * B @ A is zero (lora_B starts at 0); "
+                "train the layer first"
+            )
+        merged = self.weight.dequantize(torch.float32) + delta
+        requantized = quantize_nf4(merged, self.blocksize, self.double_quant).dequantize()
+        return float((requantized - merged).norm() / update_norm)
+
+    def extra_repr(self):
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, "
+            f"blocksize={self.blocksize}, double_quant={self.double_quant}, "
+            f"bits_per_weight={self.weight.bits_per_weight:.3f}"
+        )
