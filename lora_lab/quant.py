@@ -26,14 +26,14 @@ DQ_BLOCKSIZE = 256  # double quantization: block constants are quantized 256 at 
 QUANT_TYPES = ("nf4", "fp4", "int4")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TINY = torch.finfo(torch.float32).tiny  # stands in for absmax = 0 (an all-zero block)
-_CHUNK_BYTES = 1 << 16  # dequantize() on a CPU works through the codes 64 KiB at a time
+_CHUNK_BYTES = 1 << 14  # dequantize() on a CPU: 16 KiB of codes at a time
 
 
 # ----------------------------------------------------------------------------- codebooks
 
 
 def nf4_codebook(device=None):
-    """The 16 NF4 levels, sorted: N(0, 1) quantiles, 7 negative, an exact 0 and 8 positive, in [-1, 1].
+    """The 16 NF4 levels, sorted: N(0, 1) quantiles (7 negative, an exact 0, 8 positive) in [-1, 1].
 
     Each side takes equally spaced probabilities from the median (0.5) out to NF4_OFFSET,
     so every level covers about the same probability mass of a normal weight. Built in
@@ -215,29 +215,29 @@ class QuantizedTensor:
 
     @property
     def bits_per_weight(self):
-        """Stored bits per value: 4 + 32/blocksize, or 4 + 8/blocksize + 32/(256 blocksize) with DQ."""
+        """Stored bits per value: 4 + 32/blocksize, or 4 + 8/blocksize + 32/(256 blocksize) (DQ)."""
         return 8 * self.nbytes / self.numel
 
     def dequantize(self, dtype=None):
-        """The float tensor back: ``codebook[code] * absmax`` per value, in ``dtype`` (default: the original)."""
+        """The float tensor back: codebook[code] * absmax per value, in dtype (default self.dtype)."""
         dtype = self.dtype if dtype is None else dtype
-        n, bs = self.numel, self.blocksize
-        byte = torch.arange(256, device=self.packed.device)
-        pair_table = self.codebook[torch.stack([byte >> 4, byte & 15], dim=1)]  # (256, 2)
+        n, bs, packed = self.numel, self.blocksize, self.packed
+        byte = torch.arange(256, device=packed.device)
+        pairs = self.codebook[torch.stack([byte >> 4, byte & 15], dim=1)]  # (256, 2) float32
+        pair_table = pairs.view(torch.int64).view(256)  # each byte's two values as one 8-byte item
         absmax = self.absmax
-        values = torch.empty(2 * self.packed.numel(), device=self.packed.device)  # float32
-        # look up and scale a chunk at a time, so the chunk is still in cache when scaled
-        # (on a CPU; a GPU does the whole tensor at once)
-        full_bytes = (n - n % bs) // 2  # bytes that hold whole blocks
-        step = max(_CHUNK_BYTES, bs // 2) if self.packed.device.type == "cpu" else full_bytes
-        for start in range(0, full_bytes, max(step, 1)):
+        values = torch.empty(2 * packed.numel(), device=packed.device)  # float32
+        # A CPU works in chunks small enough to stay in cache and on one thread; a GPU at once
+        full_bytes = (n - n % bs) // 2  # the bytes that hold whole blocks
+        step = max(_CHUNK_BYTES, bs // 2) if packed.device.type == "cpu" else max(full_bytes, 1)
+        for start in range(0, full_bytes, step):
             stop = min(start + step, full_bytes)
             chunk = values[2 * start : 2 * stop]  # (2 (stop - start),)
-            torch.index_select(pair_table, 0, self.packed[start:stop].int(), out=chunk.view(-1, 2))
+            torch.index_select(pair_table, 0, packed[start:stop].int(), out=chunk.view(torch.int64))
             chunk.view(-1, bs).mul_(absmax[2 * start // bs : 2 * stop // bs, None])
-        if 2 * full_bytes < n:  # the last, partial block (and a pad code when n is odd)
+        if 2 * full_bytes < n:  # the last, partial block (and the pad code when n is odd)
             tail = values[2 * full_bytes :]
-            torch.index_select(pair_table, 0, self.packed[full_bytes:].int(), out=tail.view(-1, 2))
+            torch.index_select(pair_table, 0, packed[full_bytes:].int(), out=tail.view(torch.int64))
             tail.mul_(absmax[-1])
         return values[:n].to(dtype).view(self.shape)
 
