@@ -84,7 +84,7 @@ def dynamic_map(device=None):
     equal bins of [0.1, 1] scaled by 10**(i - 6), with both signs. Small numbers get
     fine steps and large ones coarse steps, like a float with few mantissa bits.
     """
-    parts = [torch.zeros(1), torch.ones(1)]
+    parts = [torch.zeros(1, dtype=torch.float32), torch.ones(1, dtype=torch.float32)]
     for i in range(7):
         edges = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32)
         centres = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - 6)  # (2**i,)
@@ -173,19 +173,19 @@ class QuantizedTensor:
     def double_quant(self):
         return self.absmax_codes is not None
 
-    @property
     def numel(self):
+        """The number of values (like ``torch.Tensor.numel``)."""
         return math.prod(self.shape)
 
     @property
     def n_blocks(self):
-        return -(-self.numel // self.blocksize)
+        return -(-self.numel() // self.blocksize)
 
     @property
     def codes(self):
         """The 4-bit codes, one per value, unpacked: (n,) uint8 in 0..15."""
         pairs = torch.stack([self.packed >> 4, self.packed & 15], dim=1)  # (n_bytes, 2)
-        return pairs.reshape(-1)[: self.numel]
+        return pairs.reshape(-1)[: self.numel()]
 
     @property
     def absmax(self):
@@ -216,17 +216,20 @@ class QuantizedTensor:
     @property
     def bits_per_weight(self):
         """Stored bits per value: 4 + 32/blocksize, or 4 + 8/blocksize + 32/(256 blocksize) (DQ)."""
-        return 8 * self.nbytes / self.numel
+        return 8 * self.nbytes / self.numel()
 
     def dequantize(self, dtype=None):
-        """The float tensor back: codebook[code] * absmax per value, in dtype (default self.dtype)."""
+        """The float tensor back, ``codebook[code] * absmax`` for each value.
+
+        Returned in ``dtype``, by default the dtype the tensor had before quantization.
+        """
         dtype = self.dtype if dtype is None else dtype
-        n, bs, packed = self.numel, self.blocksize, self.packed
+        n, bs, packed = self.numel(), self.blocksize, self.packed
         byte = torch.arange(256, device=packed.device)
         pairs = self.codebook[torch.stack([byte >> 4, byte & 15], dim=1)]  # (256, 2) float32
         pair_table = pairs.view(torch.int64).view(256)  # each byte's two values as one 8-byte item
         absmax = self.absmax
-        values = torch.empty(2 * packed.numel(), device=packed.device)  # float32
+        values = torch.empty(2 * packed.numel(), dtype=torch.float32, device=packed.device)
         # A CPU works in chunks small enough to stay in cache and on one thread; a GPU at once
         full_bytes = (n - n % bs) // 2  # the bytes that hold whole blocks
         step = max(_CHUNK_BYTES, bs // 2) if packed.device.type == "cpu" else max(full_bytes, 1)
@@ -324,7 +327,8 @@ def _quantize(w, blocksize, quant_type, double_quant, name):
     _check_finite(w, absmax, name)
     index = _nearest(scaled, levels)  # (n,) int32 position in the sorted levels
     codes = index.to(torch.uint8) if quant_type == "nf4" else level_codes[index]  # (n,)
-    zero_code = level_codes[_nearest(torch.zeros(1, device=w.device), levels)]  # pads odd n
+    zero = torch.zeros(1, dtype=torch.float32, device=w.device)
+    zero_code = level_codes[_nearest(zero, levels)]  # pads an odd count
     packed = _pack(codes, zero_code)
 
     stored = {"absmax": absmax}
@@ -482,7 +486,7 @@ class QLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """A new float ``nn.Linear`` holding dequant(W) + scaling * B @ A, in compute_dtype.
+        """A new, frozen float ``nn.Linear`` holding dequant(W) + scaling * B @ A (compute_dtype).
 
         The 4-bit base cannot take the update in place: it has to be dequantized first
         (and re-quantizing the sum would lose much of the update; see requantize_error).

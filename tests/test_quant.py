@@ -347,6 +347,21 @@ def test_every_format_keeps_device_shape_and_dtype():
         assert q.packed.device == w.device and q.absmax.device == w.device
 
 
+def test_a_float64_default_dtype_changes_nothing():
+    w = torch.randn(40, 24, generator=torch.Generator().manual_seed(14))
+    expected = quantize_nf4(w, 32, double_quant=True)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        q = quantize_nf4(w, 32, double_quant=True)
+        assert torch.equal(q.packed, expected.packed)
+        assert torch.equal(q.absmax_codes, expected.absmax_codes)
+        assert torch.equal(q.dequantize(), expected.dequantize())
+        assert nf4_codebook().dtype == dynamic_map().dtype == torch.float32
+    finally:
+        torch.set_default_dtype(old)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
