@@ -51,6 +51,13 @@ _EXPORTS = {
     "nf4_codebook": "quant",
     "quantize_nf4": "quant",
     "QLoRALinear": "quant",
+    "QuantizedTensor": "quant",
+    "quantize_4bit": "quant",
+    "quantize_int4": "quant",
+    "quantize_fp4": "quant",
+    "fp4_codebook": "quant",
+    "int4_codebook": "quant",
+    "dynamic_map": "quant",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
