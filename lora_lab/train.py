@@ -1,0 +1,368 @@
+"""Fine-tune on a task, sample text, and score exact match: one loop for every chapter.
+
+Works unchanged on CPU, CUDA and MPS (it uses the model's own device), and with both the
+shipped GPT and a transformers causal LM (logits are taken from ``out.logits`` there).
+"""
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # label of positions that carry no loss (prompt and padding)
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _check_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_number(name, value, minimum=0.0, inclusive=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (value == minimum and not inclusive):
+        bound = ">=" if inclusive else ">"
+        raise ValueError(f"{name} must be a finite number {bound} {minimum}, got {value!r}")
+
+
+def _check_model(model):
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if next(model.parameters(), None) is None:
+        raise ValueError("model has no parameters")
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _config(model):
+    """The config of the shipped GPT or a transformers model, looking through PEFT wrappers."""
+    base = getattr(model, "base_model", None)
+    for m in (model, base, getattr(base, "model", None)):
+        config = getattr(m, "config", None)
+        if config is not None:
+            return config
+    return None
+
+
+def _context_length(model):
+    from .model import GPTConfig
+
+    config = _config(model)
+    if isinstance(config, GPTConfig):
+        return config.block_size
+    return getattr(config, "max_position_embeddings", None)
+
+
+def _tokenizer(model, tokenizer):
+    """The tokenizer to use: the given one, or the CharTokenizer for the shipped GPT."""
+    from .model import GPTConfig
+    from .tokenizer import CharTokenizer
+
+    if tokenizer is not None:
+        for method in ("encode", "decode"):
+            if not callable(getattr(tokenizer, method, None)):
+                raise TypeError(f"tokenizer must have an {method}() method, got {tokenizer!r}")
+        return tokenizer
+    if isinstance(_config(model), GPTConfig):
+        return CharTokenizer()
+    raise ValueError(
+        "tokenizer is None but model is not the shipped GPT; pass the tokenizer that "
+        "load_model() returned with it"
+    )
+
+
+def _task(task):
+    from .data import Task, get_task
+
+    if isinstance(task, str):
+        return get_task(task)
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a Task or a task name, got {type(task).__name__}")
+    return task
+
+
+def logits_of(model, idx):
+    """Logits (B, T, V) of ``model`` on ``idx`` (B, T), whether it returns a tensor or an output."""
+    out = model(idx)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def encode_pairs(pairs, tokenizer, max_len=None):
+    """(prompt, target) pairs -> list of (token ids of prompt + target, number of prompt ids)."""
+    examples = []
+    for prompt, target in pairs:
+        p, t = tokenizer.encode(prompt), tokenizer.encode(target)
+        if not p or not t:
+            raise ValueError(f"empty prompt or target in pair {(prompt, target)!r}")
+        if max_len is not None and len(p) + len(t) - 1 > max_len:
+            raise ValueError(
+                f"pair {(prompt, target)!r} is {len(p) + len(t)} tokens, longer than the "
+                f"model's context of {max_len} (+1)"
+            )
+        examples.append((p + t, len(p)))
+    return examples
+
+
+def make_batch(examples, device):
+    """Right-padded inputs x (B, T) and labels y (B, T); y is IGNORE outside the targets."""
+    T = max(len(ids) for ids, _ in examples) - 1
+    x = torch.zeros(len(examples), T, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for row, (ids, n_prompt) in enumerate(examples):
+        seq = torch.tensor(ids, dtype=torch.long)
+        x[row, : len(ids) - 1] = seq[:-1]
+        y[row, n_prompt - 1 : len(ids) - 1] = seq[n_prompt:]  # position j predicts token j+1
+    return x.to(device), y.to(device)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _storage_bytes(tensors):
+    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = (t.device, storage.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def state_bytes(model, optimizer=None):
+    """Bytes held right now by the model's parameters, their gradients and the optimizer state.
+
+    Measured on the tensors themselves (their storages), not from a formula.
+    """
+    _check_model(model)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+    params = list(model.parameters())
+    grads = [p.grad for p in params if p.grad is not None]
+    opt_state = []
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            opt_state += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    out = {
+        "params": _storage_bytes(params),
+        "grads": _storage_bytes(grads),
+        "optimizer": _storage_bytes(opt_state),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def peak_rss_bytes():
+    """The process's peak resident set size in bytes (None where the OS does not report it)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, Linux: KiB
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class TrainHistory:
+    """What a training run did: loss and seconds per step, and the memory it used."""
+
+    task: str
+    steps: int
+    lr: float
+    batch_size: int
+    trainable_params: int
+    total_params: int
+    loss: list = field(default_factory=list)  # mean target-token loss of each step
+    step_time: list = field(default_factory=list)  # seconds of each step
+    memory: dict = field(default_factory=dict)  # bytes; see train()
+
+    @property
+    def total_time(self):
+        return sum(self.step_time)
+
+
+def train(
+    model,
+    task,
+    steps,
+    lr,
+    batch_size,
+    tokenizer=None,
+    *,
+    weight_decay=0.0,
+    grad_clip=1.0,
+    seed=0,
+    progress=True,
+):
+    """Fine-tune the parameters of ``model`` that require grad on ``task``'s train split.
+
+    AdamW, loss on target tokens only, batches drawn from reshuffled epochs. Seeds torch with
+    ``seed`` (dropout) and draws batches from its own generator, so a CPU run is repeatable.
+    Returns a TrainHistory whose ``memory`` holds: ``params``, ``grads``, ``optimizer``,
+    ``total`` (bytes measured on the tensors after the first step), ``peak_rss`` (the process's
+    peak resident memory), and on CUDA ``cuda_max_allocated``.
+    """
+    from tqdm.auto import tqdm
+
+    _check_model(model)
+    task = _task(task)
+    _check_int("steps", steps)
+    _check_number("lr", lr)
+    _check_int("batch_size", batch_size)
+    _check_number("weight_decay", weight_decay, inclusive=True)
+    if grad_clip is not None:
+        _check_number("grad_clip", grad_clip)
+    _check_int("seed", seed, minimum=0)
+    tokenizer = _tokenizer(model, tokenizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("model has no parameters with requires_grad=True; nothing to train")
+
+    device = _device(model)
+    examples = encode_pairs(task.train, tokenizer, _context_length(model))
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    history = TrainHistory(
+        task=task.name,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        trainable_params=sum(p.numel() for p in trainable),
+        total_params=sum(p.numel() for p in model.parameters()),
+    )
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    order = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    was_training = model.training
+    model.train()
+    bar = tqdm(range(steps), desc=f"train {task.name}", disable=not progress)
+    for step in bar:
+        _sync(device)
+        t0 = time.perf_counter()
+        if len(order) < batch_size:  # refill with a fresh shuffle of the train split
+            order += torch.randperm(len(examples), generator=gen).tolist()
+        batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
+        x, y = make_batch(batch, device)
+        logits = logits_of(model, x)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+        optimizer.step()
+        if step == 0:  # gradients and optimizer state now all exist: measure them
+            history.memory.update(state_bytes(model, optimizer))
+        optimizer.zero_grad(set_to_none=True)
+        history.loss.append(loss.item())  # .item() waits for the device
+        history.step_time.append(time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{history.loss[-1]:.3f}")
+    model.train(was_training)
+    history.memory["peak_rss"] = peak_rss_bytes()
+    if device.type == "cuda":
+        history.memory["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
+    return history
+
+
+# ---------------------------------------------------------------- sampling and scoring
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt,
+    max_new_tokens=60,
+    temperature=0.0,
+    tokenizer=None,
+    *,
+    stop="\n",
+    seed=0,
+):
+    """The text ``model`` writes after ``prompt`` (greedy when temperature is 0).
+
+    Stops after ``max_new_tokens`` or once the new text contains ``stop`` (None: never),
+    which is kept. A list of prompts gives a list of texts.
+    """
+    _check_model(model)
+    if isinstance(prompt, (list, tuple)):
+        return [
+            generate(model, p, max_new_tokens, temperature, tokenizer, stop=stop, seed=seed)
+            for p in prompt
+        ]
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"prompt must be a non-empty str (or a list of them), got {prompt!r}")
+    _check_int("max_new_tokens", max_new_tokens)
+    _check_number("temperature", temperature, inclusive=True)
+    if stop is not None and (not isinstance(stop, str) or not stop):
+        raise ValueError(f"stop must be a non-empty str or None, got {stop!r}")
+    _check_int("seed", seed, minimum=0)
+    tokenizer = _tokenizer(model, tokenizer)
+    device, context = _device(model), _context_length(model)
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    ids = tokenizer.encode(prompt)
+    new = []
+    for _ in range(max_new_tokens):
+        window = (ids + new)[-context:] if context else ids + new
+        logits = logits_of(model, torch.tensor([window], device=device))[0, -1].float()  # (V,)
+        if temperature == 0:
+            next_id = int(logits.argmax())
+        else:
+            probs = F.softmax(logits / temperature, dim=-1).cpu()
+            next_id = int(torch.multinomial(probs, 1, generator=gen))
+        new.append(next_id)
+        if stop is not None and stop in tokenizer.decode(new):
+            break
+    model.train(was_training)
+    return tokenizer.decode(new)
+
+
+@torch.no_grad()
+def evaluate(model, task, split="test", n=None, tokenizer=None, batch_size=64):
+    """Exact-match accuracy of greedy decoding on ``task``'s ``split`` (first ``n`` pairs).
+
+    Greedy decoding writes the target exactly when, given the prompt and the target's earlier
+    tokens, every target token is the most likely one. So one teacher-forced forward pass per
+    batch gives the same score as decoding token by token, much faster. (Each target ends
+    with a newline, so the answer must also stop where the target does.)
+    """
+    _check_model(model)
+    task = _task(task)
+    pairs = task.split(split)
+    if n is not None:
+        _check_int("n", n)
+        if n > len(pairs):
+            raise ValueError(f"n={n} is more than the {len(pairs)} pairs in the {split} split")
+        pairs = pairs[:n]
+    _check_int("batch_size", batch_size)
+    tokenizer = _tokenizer(model, tokenizer)
+    device = _device(model)
+    examples = encode_pairs(pairs, tokenizer, _context_length(model))
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        x, y = make_batch(examples[start : start + batch_size], device)
+        pred = logits_of(model, x).argmax(dim=-1)  # (B, T)
+        hit = (pred == y) | (y == IGNORE)
+        correct += int(hit.all(dim=1).sum())
+    model.train(was_training)
+    return correct / len(examples)
