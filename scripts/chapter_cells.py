@@ -126,7 +126,7 @@ def _source(cell):
 
 
 def chapters():
-    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    return sorted(NOTEBOOKS.glob("*.ipynb"))
 
 
 def main(argv=None):
