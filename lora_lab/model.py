@@ -236,6 +236,7 @@ def save_checkpoint(model, directory):
         os.close(fd)
         try:
             write(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; package data must be readable
             os.replace(tmp, directory / name)
         finally:
             if os.path.exists(tmp):

@@ -66,9 +66,8 @@ def _tokenizer(model, tokenizer):
     from .tokenizer import CharTokenizer
 
     if tokenizer is not None:
-        for method in ("encode", "decode"):
-            if not callable(getattr(tokenizer, method, None)):
-                raise TypeError(f"tokenizer must have an {method}() method, got {tokenizer!r}")
+        if not all(callable(getattr(tokenizer, m, None)) for m in ("encode", "decode")):
+            raise TypeError(f"tokenizer needs encode() and decode() methods, got {tokenizer!r}")
         return tokenizer
     if isinstance(_config(model), GPTConfig):
         return CharTokenizer()
@@ -218,7 +217,7 @@ def train(
     ``seed`` (dropout) and draws batches from its own generator, so a CPU run is repeatable.
     Returns a TrainHistory whose ``memory`` holds: ``params``, ``grads``, ``optimizer``,
     ``total`` (bytes measured on the tensors after the first step), ``peak_rss`` (the process's
-    peak resident memory), and on CUDA ``cuda_max_allocated``.
+    peak resident memory), on CUDA ``cuda_max_allocated`` and on MPS ``mps_driver_allocated``.
     """
     from tqdm.auto import tqdm
 
@@ -278,6 +277,8 @@ def train(
     history.memory["peak_rss"] = peak_rss_bytes()
     if device.type == "cuda":
         history.memory["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
+    elif device.type == "mps":  # MPS keeps no peak counter; this is what its driver holds now
+        history.memory["mps_driver_allocated"] = torch.mps.driver_allocated_memory()
     return history
 
 
