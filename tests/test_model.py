@@ -157,7 +157,7 @@ def test_load_pretrained_is_strict(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "dropout": 0.1}))
     with pytest.raises(ValueError, match="dropout"):
         load_pretrained(device="cpu", directory=tmp_path)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="nowhere/tiny_gpt.safetensors is missing"):
         load_pretrained(device="cpu", directory=tmp_path / "nowhere")
 
 
