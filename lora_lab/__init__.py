@@ -37,9 +37,6 @@ _EXPORTS = {
     "CharTokenizer": "tokenizer",
     "get_task": "data",
     "TASKS": "data",
-    "train": "train",
-    "generate": "train",
-    "evaluate": "train",
     # memory estimator (chapter 1)
     "estimate_memory": "memory",
     "ModelSpec": "memory",
@@ -60,7 +57,12 @@ _EXPORTS = {
     "dynamic_map": "quant",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# ``train`` is both a submodule and its main function. Importing the submodule sets the
+# package attribute ``lora_lab.train`` to the module, which would hide the function, so
+# the three training functions are bound here, eagerly (lora_lab.train needs only torch).
+from lora_lab.train import evaluate, generate, train  # noqa: E402, F401
+
+__all__ = sorted([*_EXPORTS, "train", "generate", "evaluate"]) + ["__version__"]
 
 
 def __getattr__(name):
