@@ -1,0 +1,205 @@
+"""Short fine-tuning experiments: a fresh copy of a base model, adapted, trained and scored.
+
+Chapters 8 and 9 compare many small runs. Each run here starts from the same pretrained
+weights, seeds its LoRA initialisation and its batches, and reports what those chapters
+tabulate: trainable parameters, bytes, step time, loss and test scores.
+"""
+
+import copy
+import ctypes
+import gc
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .lora import apply_lora, count_parameters
+from .train import (
+    IGNORE,
+    _check_int,
+    _check_model,
+    _context_length,
+    _device,
+    _task,
+    _tokenizer,
+    encode_pairs,
+    logits_of,
+    make_batch,
+    train,
+)
+from .utils import set_seed
+
+_CLEAR_REFS = "/proc/self/clear_refs"  # Linux: writing "5" resets the peak RSS (VmHWM)
+
+
+# ---------------------------------------------------------------- scores and memory
+
+
+@torch.no_grad()
+def score(model, task, split="test", n=None, tokenizer=None, batch_size=64):
+    """Teacher-forced scores on ``task``'s targets: ``loss`` (mean per target token),
+    ``char_acc`` (share of target tokens predicted right) and ``exact`` (as ``evaluate``).
+    """
+    _check_model(model)
+    task = _task(task)
+    pairs = task.split(split)
+    if n is not None:
+        _check_int("n", n)
+        if n > len(pairs):
+            raise ValueError(f"n={n} is more than the {len(pairs)} pairs in the {split} split")
+        pairs = pairs[:n]
+    _check_int("batch_size", batch_size)
+    tokenizer = _tokenizer(model, tokenizer)
+    examples = encode_pairs(pairs, tokenizer, _context_length(model))
+    was_training = model.training
+    model.eval()
+    loss_sum, right, tokens, exact = 0.0, 0, 0, 0
+    for start in range(0, len(examples), batch_size):
+        x, y = make_batch(examples[start : start + batch_size], _device(model))
+        logits = logits_of(model, x).float()  # (B, T, V)
+        loss_sum += F.cross_entropy(
+            logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"
+        ).item()
+        target = y != IGNORE  # (B, T)
+        hit = logits.argmax(dim=-1) == y  # (B, T)
+        right += int((hit & target).sum())
+        tokens += int(target.sum())
+        exact += int((hit | ~target).all(dim=1).sum())
+    model.train(was_training)
+    return {"loss": loss_sum / tokens, "char_acc": right / tokens, "exact": exact / len(examples)}
+
+
+def release_free_memory():
+    """Collect garbage and hand the C heap's free pages back to the OS (glibc only).
+
+    Memory freed by earlier runs otherwise stays resident, and a later run reuses it without
+    raising the RSS, so its peak would look smaller than it is. Returns False where the C
+    library has no ``malloc_trim`` (then only the garbage collector ran).
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not Linux with glibc
+        return False
+    return True
+
+
+def reset_peak_rss():
+    """Reset the process's peak resident memory to its current value (Linux only).
+
+    Returns True if it was reset, False where the OS offers no way to (then the peak
+    ``train`` reports is the largest since the process started).
+    """
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_rss():
+    """The process's resident memory now, in bytes (None where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------- one run
+
+
+@dataclass
+class Run:
+    """One fine-tuning run: its settings, the trained model, its history and test scores."""
+
+    task: str
+    lora: dict | None  # the apply_lora arguments, or None for full fine-tuning
+    lr: float
+    seed: int
+    trainable_params: int
+    total_params: int
+    scores: dict  # score() on the test split after training
+    history: object = field(repr=False)  # the TrainHistory of train()
+    model: torch.nn.Module = field(repr=False)
+    rss_before: int | None = None  # resident bytes just before training (None: unknown)
+    rss_reset: bool = False  # whether the peak RSS was reset before training
+
+    @property
+    def method(self):
+        return "full" if self.lora is None else f"LoRA r={self.lora.get('rank', 8)}"
+
+    @property
+    def median_step_time(self):
+        return statistics.median(self.history.step_time)
+
+    def final_train_loss(self, last=10):
+        """Mean training loss of the last ``last`` steps (smooths batch-to-batch noise)."""
+        _check_int("last", last)
+        tail = self.history.loss[-last:]
+        return sum(tail) / len(tail)
+
+    def row(self):
+        """A flat dict of the run's numbers, one row of a results table."""
+        mem, h = self.history.memory, self.history
+        peak = mem.get("peak_rss")
+        grew = peak - self.rss_before if self.rss_reset and peak and self.rss_before else None
+        return {
+            "task": self.task,
+            "method": self.method,
+            "lr": self.lr,
+            "steps": h.steps,
+            "batch_size": h.batch_size,
+            "seed": self.seed,
+            "trainable": self.trainable_params,
+            "state_bytes": mem["total"],
+            "peak_rss_increase": grew,
+            "cuda_peak": mem.get("cuda_max_allocated"),  # None off CUDA
+            "median_step_s": self.median_step_time,
+            "train_loss": self.final_train_loss(),
+            **{f"test_{k}": v for k, v in self.scores.items()},
+        }
+
+
+def finetune(
+    base, task, steps, lr, *, lora=None, batch_size=16, seed=0, tokenizer=None, progress=False
+):
+    """Train a copy of ``base`` on ``task`` and score it; ``base`` itself is left untouched.
+
+    ``lora`` is a dict of ``apply_lora`` arguments (e.g. ``{"rank": 8, "alpha": 16}``) for a
+    LoRA run, or None to fine-tune every parameter. Returns a :class:`Run`.
+    """
+    _check_model(base)
+    task = _task(task)
+    if lora is not None and not isinstance(lora, dict):
+        raise TypeError(f"lora must be a dict of apply_lora arguments or None, got {lora!r}")
+    model = copy.deepcopy(base)
+    set_seed(seed)  # lora_A's random init
+    if lora is None:
+        model.requires_grad_(True)
+    else:
+        apply_lora(model, **lora)
+    trainable, total = count_parameters(model)
+    release_free_memory()
+    reset = reset_peak_rss()
+    before = current_rss()
+    history = train(model, task, steps, lr, batch_size, tokenizer, seed=seed, progress=progress)
+    scores = score(model, task, tokenizer=tokenizer)
+    return Run(
+        task=task.name,
+        lora=None if lora is None else dict(lora),
+        lr=lr,
+        seed=seed,
+        trainable_params=trainable,
+        total_params=total,
+        scores=scores,
+        history=history,
+        model=model,
+        rss_before=before,
+        rss_reset=reset,
+    )
