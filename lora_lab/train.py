@@ -257,7 +257,7 @@ def train(
     for step in bar:
         _sync(device)
         t0 = time.perf_counter()
-        if len(order) < batch_size:  # refill with a fresh shuffle of the train split
+        while len(order) < batch_size:  # refill with fresh shuffles of the train split
             order += torch.randperm(len(examples), generator=gen).tolist()
         batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
         x, y = make_batch(batch, device)

@@ -55,6 +55,11 @@ def test_training_is_repeatable_and_seeded():
     assert runs[0] != runs[2]
 
 
+def test_batch_larger_than_the_train_split_repeats_examples():
+    hist = train(tiny_model(), TINY, steps=2, lr=1e-2, batch_size=20, progress=False)
+    assert len(hist.loss) == 2 and all(x == x for x in hist.loss)  # finite, not NaN
+
+
 def test_only_trainable_parameters_get_gradients_and_state():
     model = tiny_model()
     for name, p in model.named_parameters():
