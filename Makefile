@@ -51,7 +51,7 @@ unit: setup
 	$(PY) -m pytest tests
 
 notebooks: setup
-	$(PY) -m pytest --nbval-lax --sanitize-with tests/nbval_sanitize.cfg \
+	$(PY) -m pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg \
 		--nbval-cell-timeout=300 -p no:cacheprovider notebooks
 
 test: lint unit notebooks
