@@ -91,7 +91,7 @@ def write_json(obj, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1500)  # the shipped checkpoint's steps
     parser.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
     parser.add_argument(
         "--threads",
