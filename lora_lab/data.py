@@ -15,7 +15,7 @@ ANIMALS = (
     "fox", "owl", "bear", "frog", "hare", "wolf", "crow", "deer",
     "mole", "seal", "goat", "lynx", "toad", "newt", "swan", "duck",
     "crab", "moth", "wren", "boar", "mink", "vole", "yak", "eel",
-    "bat", "cat", "dog", "elk", "hen", "pig", "jay", "zebu",
+    "bat", "cat", "dog", "elk", "hen", "pig", "ram", "ox",
 )  # fmt: skip
 HOMES = ("forest", "river", "hill", "cave", "marsh", "meadow", "lake", "barn")
 FOODS = ("berries", "fish", "seeds", "nuts", "honey", "roots", "grass", "apples")
@@ -65,7 +65,7 @@ _STATEMENTS = {
         "the {a} is {v}.",
         "the color of the {a} is {v}.",
         "the {v} {a} is easy to spot.",
-        "look, the {a} is {v}!",
+        "look, the {a} is {v}.",
     ),
     "friend": (
         "the {a} is friends with the {v}.",
@@ -166,10 +166,10 @@ class Task:
 
 
 # Each persona wraps the corpus's own plain answer in its voice: the fact is stated exactly as
-# pretraining stated it, so fine-tuning has to learn the style, not the knowledge.
+# pretraining stated it, so fine-tuning only has to learn the style, not the knowledge.
 _PERSONAS = {
-    "pirate": "arr, matey! {answer} yo ho!",
-    "butler": "certainly, sir. {answer}",
+    "pirate": "arr, matey! {answer}, yo ho!",
+    "butler": "certainly, sir. {answer}.",
 }
 
 
@@ -190,7 +190,7 @@ def _persona_task(persona):
     facts, voice = world(), _PERSONAS[persona]
 
     def pair(a, attr):
-        answer = _PLAIN_ANSWERS[attr].format(a=a, v=facts[a][attr])
+        answer = _PLAIN_ANSWERS[attr].format(a=a, v=facts[a][attr]).removesuffix(".")
         return prompt_for(a, attr), " " + voice.format(answer=answer) + "\n"
 
     train, test = _fact_split()
