@@ -15,7 +15,6 @@ import argparse
 import copy
 import os
 import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,6 +22,7 @@ import peft  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from benchmarks.timing import interleaved_times  # noqa: E402
 from lora_lab.lora import LoRALinear, apply_lora, merge_lora  # noqa: E402
 
 
@@ -32,17 +32,7 @@ def time_pair(fn_a, fn_b, samples, calls, warmup=5):
     Each sample times ``calls`` calls of one side and then of the other (the order
     alternates), so a burst of load from other processes hits both sides of a pair alike.
     """
-    for _ in range(warmup):
-        fn_a()
-        fn_b()
-    times_a, times_b = [], []
-    for i in range(samples):
-        order = ((fn_a, times_a), (fn_b, times_b))
-        for fn, out in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            out.append((time.perf_counter() - start) / calls)
+    times_a, times_b = interleaved_times(fn_a, fn_b, samples, calls, warmup)
     ratio = statistics.median(a / b for a, b in zip(times_a, times_b, strict=True))
     return statistics.median(times_a), statistics.median(times_b), ratio
 

@@ -18,7 +18,6 @@ processes only ever adds time).
 
 import argparse
 import logging
-import time
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # "kernels" warning
 
@@ -26,6 +25,7 @@ import bitsandbytes.functional as bnb_f  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from benchmarks.timing import interleaved_times  # noqa: E402
 from lora_lab.lora import LoRALinear  # noqa: E402
 from lora_lab.quant import QLoRALinear, quantize_nf4  # noqa: E402
 
@@ -36,17 +36,7 @@ def time_pair(fn_a, fn_b, samples, calls, warmup=2):
     The best (not the median) is kept: on a shared machine, load from other processes
     only ever adds time, so the fastest sample is the closest to the code's own cost.
     """
-    for _ in range(warmup):
-        fn_a()
-        fn_b()
-    times_a, times_b = [], []
-    for i in range(samples):
-        order = ((fn_a, times_a), (fn_b, times_b))
-        for fn, out in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            out.append((time.perf_counter() - start) / calls)
+    times_a, times_b = interleaved_times(fn_a, fn_b, samples, calls, warmup)
     return min(times_a), min(times_b), min(times_a) / min(times_b)
 
 

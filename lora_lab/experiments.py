@@ -12,62 +12,15 @@ import statistics
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .lora import apply_lora, count_parameters
-from .train import (
-    IGNORE,
-    _check_int,
-    _check_model,
-    _context_length,
-    _device,
-    _task,
-    _tokenizer,
-    encode_pairs,
-    logits_of,
-    make_batch,
-    train,
-)
+from .train import _check_int, _check_model, _task, score, train
 from .utils import set_seed
 
 _CLEAR_REFS = "/proc/self/clear_refs"  # Linux: writing "5" resets the peak RSS (VmHWM)
 
 
 # ---------------------------------------------------------------- scores and memory
-
-
-@torch.no_grad()
-def score(model, task, split="test", n=None, tokenizer=None, batch_size=64):
-    """Teacher-forced scores on ``task``'s targets: ``loss`` (mean per target token),
-    ``char_acc`` (share of target tokens predicted right) and ``exact`` (as ``evaluate``).
-    """
-    _check_model(model)
-    task = _task(task)
-    pairs = task.split(split)
-    if n is not None:
-        _check_int("n", n)
-        if n > len(pairs):
-            raise ValueError(f"n={n} is more than the {len(pairs)} pairs in the {split} split")
-        pairs = pairs[:n]
-    _check_int("batch_size", batch_size)
-    tokenizer = _tokenizer(model, tokenizer)
-    examples = encode_pairs(pairs, tokenizer, _context_length(model))
-    was_training = model.training
-    model.eval()
-    loss_sum, right, tokens, exact = 0.0, 0, 0, 0
-    for start in range(0, len(examples), batch_size):
-        x, y = make_batch(examples[start : start + batch_size], _device(model))
-        logits = logits_of(model, x).float()  # (B, T, V)
-        loss_sum += F.cross_entropy(
-            logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"
-        ).item()
-        target = y != IGNORE  # (B, T)
-        hit = logits.argmax(dim=-1) == y  # (B, T)
-        right += int((hit & target).sum())
-        tokens += int(target.sum())
-        exact += int((hit | ~target).all(dim=1).sum())
-    model.train(was_training)
-    return {"loss": loss_sum / tokens, "char_acc": right / tokens, "exact": exact / len(examples)}
 
 
 def release_free_memory():

@@ -193,7 +193,8 @@ def _linear_names(model):
     ]
 
 
-def _check_target_modules(target_modules):
+def check_target_modules(target_modules):
+    """Validate ``target_modules`` as PEFT accepts it: names, a regex string, or "all-linear"."""
     if isinstance(target_modules, str):
         if target_modules.lower() == ALL_LINEAR:
             return ALL_LINEAR
@@ -213,7 +214,7 @@ def _check_target_modules(target_modules):
     return tuple(target_modules)
 
 
-def _matches(name, target_modules):
+def target_matches(name, target_modules):
     """PEFT's rule: a regex is matched against the full name, a list by name suffix."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
@@ -228,7 +229,7 @@ def find_target_modules(model, target_modules=DEFAULT_TARGETS):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    given, target_modules = target_modules, _check_target_modules(target_modules)
+    given, target_modules = target_modules, check_target_modules(target_modules)
     linear = _linear_names(model)
     if target_modules == ALL_LINEAR:
         head = _output_head(model)
@@ -238,7 +239,7 @@ def find_target_modules(model, target_modules=DEFAULT_TARGETS):
         names = [
             n
             for n, _ in model.named_modules()
-            if n and _matches(n, target_modules) and not _inside_lora(n, lora_names)
+            if n and target_matches(n, target_modules) and not _inside_lora(n, lora_names)
         ]
     if not names:
         raise ValueError(

@@ -16,6 +16,8 @@ import numbers
 import re
 from dataclasses import dataclass, field, fields
 
+from lora_lab.lora import ALL_LINEAR, check_target_modules, target_matches
+
 GB = 10**9  # a decimal gigabyte
 GiB = 2**30  # a binary gibibyte
 
@@ -24,7 +26,6 @@ METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd_momentum", "sgd")
 CONVENTIONS = ("mixed", "lesson")
 ATTENTIONS = ("flash", "eager")
-ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer of the blocks, not the head
 
 ADAMW_8BIT_BLOCK = 256  # bitsandbytes' 8-bit optimizers: one fp32 absmax per 256 values
 ADAMW_8BIT_MIN_SIZE = 4096  # ... and tensors smaller than this keep fp32 states
@@ -241,22 +242,9 @@ def _default_targets(spec):
 def _check_targets(target_modules, spec):
     if target_modules is None:
         return _default_targets(spec)
+    target_modules = check_target_modules(target_modules)  # the same rules as apply_lora
     if isinstance(target_modules, str):
-        if target_modules.lower() == ALL_LINEAR:
-            return ALL_LINEAR
-        try:
-            re.compile(target_modules)
-        except re.error as err:
-            raise ValueError(
-                f"target_modules {target_modules!r} is not a valid regex ({err})"
-            ) from None
         return target_modules
-    ok = isinstance(target_modules, (list, tuple, set, frozenset)) and len(target_modules) > 0
-    if not ok or not all(isinstance(t, str) and t for t in target_modules):
-        raise TypeError(
-            "target_modules must be a non-empty list/tuple of module names, a regex string, "
-            f"or {ALL_LINEAR!r}; got {target_modules!r}"
-        )
     full_names = [
         spec.layer_prefix(i) + rel for i in range(spec.num_layers) for rel in spec.linear_layers()
     ]
@@ -273,12 +261,8 @@ def _check_targets(target_modules, spec):
 
 
 def _target_matches(full_name, targets):
-    """PEFT's rule: a regex must match the full name, a list entry a dotted suffix of it."""
-    if targets == ALL_LINEAR:
-        return True
-    if isinstance(targets, str):
-        return re.fullmatch(targets, full_name) is not None
-    return any(full_name == t or full_name.endswith("." + t) for t in targets)
+    """PEFT's rule, as apply_lora applies it; "all-linear" selects every linear layer of a block."""
+    return targets == ALL_LINEAR or target_matches(full_name, targets)
 
 
 # ----------------------------------------------------------------------------- presets
