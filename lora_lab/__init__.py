@@ -29,6 +29,13 @@ _EXPORTS = {
     # adapters in PEFT's format (chapter 7)
     "save_adapter": "adapters",
     "load_adapter": "adapters",
+    # any model: the MODEL switch, 16-bit types, settings by size, offline test models
+    "chosen_model": "hub",
+    "is_shipped": "hub",
+    "half_dtype": "hub",
+    "train_settings": "hub",
+    "save_random_model": "hub",
+    "logits_agree": "hub",
     # the shipped model, its tokenizer and data (chapters 4-10)
     "GPT": "model",
     "GPTConfig": "model",

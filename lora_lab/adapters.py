@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .lora import apply_lora, check_hyperparameters, find_target_modules, lora_layers
+from .lora import (
+    apply_lora,
+    check_hyperparameters,
+    find_target_modules,
+    is_conv1d,
+    layer_features,
+    lora_layers,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -27,7 +34,6 @@ PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraMod
 UNSUPPORTED = {
     "use_dora": False,
     "lora_bias": False,
-    "fan_in_fan_out": False,
     "modules_to_save": None,
     "rank_pattern": {},
     "alpha_pattern": {},
@@ -76,7 +82,6 @@ def _dropout_p(layer):
 # The "off" entries a save writes: ones every PEFT since 0.13 knows (newer ones default to off).
 WRITTEN_OFF = (
     "use_dora",
-    "fan_in_fan_out",
     "modules_to_save",
     "rank_pattern",
     "alpha_pattern",
@@ -101,6 +106,8 @@ def adapter_config(model):
         "lora_alpha": _one_value(layers, "alpha", lambda m: m.alpha),
         "lora_dropout": _one_value(layers, "dropout", _dropout_p),
         "use_rslora": _one_value(layers, "use_rslora", lambda m: m.use_rslora),
+        # True for GPT-2's Conv1D layers, whose weights are stored (in, out), as PEFT writes it
+        "fan_in_fan_out": _one_value(layers, "fan_in_fan_out", lambda m: m.fan_in_fan_out),
         "target_modules": sorted(layers),
         "bias": "none",
         "init_lora_weights": True,
@@ -249,9 +256,9 @@ def _check_file(tensors, model, names, rank, weights_file):
     """Every key used, every layer covered, every shape right: else raise before any change."""
     expected = {}
     for name in names:
-        base = model.get_submodule(name)
-        expected[f"{PREFIX}{name}.lora_A.weight"] = (rank, base.in_features)
-        expected[f"{PREFIX}{name}.lora_B.weight"] = (base.out_features, rank)
+        fan_in, fan_out = layer_features(model.get_submodule(name))
+        expected[f"{PREFIX}{name}.lora_A.weight"] = (rank, fan_in)
+        expected[f"{PREFIX}{name}.lora_B.weight"] = (fan_out, rank)
     unused = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
     if unused:
@@ -266,6 +273,20 @@ def _check_file(tensors, model, names, rank, weights_file):
             )
         if not tensors[key].is_floating_point():
             raise ValueError(f"{key!r} has dtype {tensors[key].dtype}; expected a float tensor")
+
+
+def _check_fan_in_fan_out(flag, model, names, path):
+    """The file's ``fan_in_fan_out`` must describe the layers: True for Conv1D, else False."""
+    if not isinstance(flag, bool):
+        raise ValueError(f"fan_in_fan_out must be true or false, got {flag!r} in {str(path)!r}")
+    for name in names:
+        conv = is_conv1d(model.get_submodule(name))
+        if conv != flag:
+            kind = "a transformers Conv1D (weight stored (in, out))" if conv else "an nn.Linear"
+            raise ValueError(
+                f"{str(path)!r}/{CONFIG_NAME} says fan_in_fan_out={flag}, but {name!r} is {kind}; "
+                f"this adapter was made for a model with other layer types"
+            )
 
 
 def load_adapter(model, path):
@@ -291,6 +312,7 @@ def load_adapter(model, path):
         names = find_target_modules(model, targets)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{err} (read from {str(path)!r}/{CONFIG_NAME})") from None
+    _check_fan_in_fan_out(config.get("fan_in_fan_out", False), model, names, path)
     tensors = load_file(str(weights_file))  # safetensors: plain tensors, no code executed
     _check_file(tensors, model, names, rank, weights_file)
 

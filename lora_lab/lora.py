@@ -10,12 +10,30 @@ state-dict keys are the ones PEFT writes in its adapter files.
 import math
 import numbers
 import re
+import sys
 
 import torch
 import torch.nn as nn
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention projections
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def is_conv1d(module):
+    """True for transformers' ``Conv1D`` (GPT-2's projections: a linear layer, weight (in, out)).
+
+    A Conv1D can only exist once transformers has been imported, so this never imports it.
+    """
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
+
+
+def layer_features(module):
+    """``(in_features, out_features)`` of an ``nn.Linear`` or a transformers ``Conv1D``."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape)  # Conv1D stores its weight as (in, out)
+    return module.in_features, module.out_features
 
 
 # ----------------------------------------------------------------------------- checks
@@ -52,14 +70,29 @@ def _check_rslora(use_rslora):
 def _check_base(base, rank):
     if isinstance(base, LoRALinear):
         raise TypeError("base is already a LoRALinear; wrap the plain nn.Linear only once")
-    if not isinstance(base, nn.Linear):
-        raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__name__}")
+    if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+        raise TypeError(
+            f"base must be a torch.nn.Linear or a transformers Conv1D, got {type(base).__name__}"
+        )
     if not base.weight.is_floating_point():
         raise TypeError(
             f"base.weight must be a floating-point tensor, got dtype {base.weight.dtype} "
             "(quantized layers need lora_lab.QLoRALinear or PEFT)"
         )
-    _check_rank(rank, base.in_features, base.out_features)
+    _check_rank(rank, *layer_features(base))
+
+
+def _adapter_dtype(adapter_dtype, base):
+    """PEFT's rule (``autocast_adapter_dtype=True``): fp32 adapters on a 16-bit base."""
+    if adapter_dtype is None:
+        dtype = base.weight.dtype
+        return torch.float32 if dtype in HALF_DTYPES else dtype
+    if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
+        raise TypeError(
+            f"adapter_dtype must be None or a floating torch.dtype (torch.float32, "
+            f"torch.bfloat16, torch.float16), got {adapter_dtype!r}"
+        )
+    return adapter_dtype
 
 
 def check_hyperparameters(rank, alpha, dropout, use_rslora):
@@ -77,28 +110,35 @@ def check_hyperparameters(rank, alpha, dropout, use_rslora):
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus the low-rank update ``scaling * B @ A``, as PEFT computes it.
 
+    The base may also be transformers' ``Conv1D`` (GPT-2), whose weight is stored transposed,
+    (in, out): ``fan_in_fan_out`` is then True, as in PEFT, and merging transposes the update.
+    On a 16-bit base the adapter weights are float32 unless ``adapter_dtype`` says otherwise
+    (PEFT's default): the input is cast to their dtype, and the sum back to the base's.
+
     ``merge()`` folds the update into the base weight and ``unmerge()`` takes it out again;
     each raises RuntimeError when the layer is already in the state asked for, because a
     second merge would add the update twice. While merged, the forward pass is the base
     layer's alone, so ``lora_A`` and ``lora_B`` get no gradients: unmerge before training.
     """
 
-    def __init__(self, base, rank=8, alpha=16, dropout=0.0, use_rslora=False):
+    def __init__(self, base, rank=8, alpha=16, dropout=0.0, use_rslora=False, adapter_dtype=None):
         super().__init__()
         _check_base(base, rank)
         _check_alpha(alpha)
         _check_dropout(dropout)
         _check_rslora(use_rslora)
+        dtype = _adapter_dtype(adapter_dtype, base)
 
         self.base_layer = base.requires_grad_(False)  # frozen W (out, in) and b (out,)
         self.rank = int(rank)
         self.alpha = alpha
         self.use_rslora = use_rslora
         self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.fan_in_fan_out = is_conv1d(base)  # PEFT's name: the weight is stored (in, out)
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
-        kw = {"bias": False, "device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Linear(base.in_features, self.rank, **kw)  # A: (rank, in)
-        self.lora_B = nn.Linear(self.rank, base.out_features, **kw)  # B: (out, rank)
+        kw = {"bias": False, "device": base.weight.device, "dtype": dtype}
+        self.lora_A = nn.Linear(self.in_features, self.rank, **kw)  # A: (rank, in)
+        self.lora_B = nn.Linear(self.rank, self.out_features, **kw)  # B: (out, rank)
         self.reset_lora_parameters()
         self.merged = False
 
@@ -109,11 +149,11 @@ class LoRALinear(nn.Module):
 
     @property
     def in_features(self):
-        return self.base_layer.in_features
+        return layer_features(self.base_layer)[0]
 
     @property
     def out_features(self):
-        return self.base_layer.out_features
+        return layer_features(self.base_layer)[1]
 
     @property
     def weight(self):
@@ -128,22 +168,28 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)  # (..., out)
         if self.merged:
             return y  # the update already sits inside base_layer.weight
-        return y + self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))  # (..., out)
+        x = x.to(self.lora_A.weight.dtype)  # fp32 adapters on a 16-bit base see fp32 inputs
+        update = self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))  # (..., out)
+        return (y + update).to(y.dtype)
 
     def delta_weight(self):
-        """The update ``scaling * B @ A`` as an (out, in) matrix, in the weight's dtype."""
+        """The update ``scaling * B @ A`` as an (out, in) matrix, in the adapter's dtype."""
         A, B = self.lora_A.weight, self.lora_B.weight
-        if A.dtype in (torch.float16, torch.bfloat16):
+        if A.dtype in HALF_DTYPES:
             return (self.scaling * (B.float() @ A.float())).to(A.dtype)  # accumulate in fp32
         return self.scaling * (B @ A)  # (out, in)
+
+    def _delta_as_stored(self):
+        """The update laid out as the base weight is stored: (in, out) for a Conv1D."""
+        delta = self.delta_weight()
+        return (delta.T if self.fan_in_fan_out else delta).to(self.base_layer.weight.dtype)
 
     @torch.no_grad()
     def merge(self):
         """Add the update to the base weight; forward then costs what the base costs."""
         if self.merged:
             raise RuntimeError("merge() called on a LoRALinear that is already merged")
-        weight = self.base_layer.weight
-        weight.add_(self.delta_weight().to(weight.dtype))
+        self.base_layer.weight.add_(self._delta_as_stored())
         self.merged = True
 
     @torch.no_grad()
@@ -151,8 +197,7 @@ class LoRALinear(nn.Module):
         """Subtract the update from the base weight again (exact up to float rounding)."""
         if not self.merged:
             raise RuntimeError("unmerge() called on a LoRALinear that is not merged")
-        weight = self.base_layer.weight
-        weight.sub_(self.delta_weight().to(weight.dtype))
+        self.base_layer.weight.sub_(self._delta_as_stored())
         self.merged = False
 
     def extra_repr(self):
@@ -182,13 +227,13 @@ def _output_head(model):
 
 
 def _linear_names(model):
-    """Names of the nn.Linear and LoRALinear layers of ``model``, not counting LoRA's own."""
+    """Names of the linear layers (nn.Linear, Conv1D, LoRALinear) of ``model``, not LoRA's own."""
     lora_names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     return [
         name
         for name, module in model.named_modules()
         if name
-        and isinstance(module, (nn.Linear, LoRALinear))
+        and (isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module))
         and not _inside_lora(name, lora_names)
     ]
 
@@ -253,10 +298,10 @@ def find_target_modules(model, target_modules=DEFAULT_TARGETS):
                 f"target_modules {given!r} matched {name!r}, which already has LoRA; "
                 "apply LoRA once per layer (merge_lora first to start over)"
             )
-        if not isinstance(module, nn.Linear):
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise TypeError(
-                f"target_modules {given!r} matched {name!r}, a "
-                f"{type(module).__name__}; LoRALinear wraps torch.nn.Linear layers only"
+                f"target_modules {given!r} matched {name!r}, a {type(module).__name__}; "
+                "LoRALinear wraps torch.nn.Linear and transformers Conv1D layers only"
             )
     return names
 
@@ -281,15 +326,19 @@ def apply_lora(
     target_modules=DEFAULT_TARGETS,
     dropout=0.0,
     use_rslora=False,
+    adapter_dtype=None,
 ):
     """Wrap the selected linear layers of ``model`` in LoRALinear (in place); return ``model``.
 
     ``target_modules`` is matched as PEFT matches it: names match as suffixes of the full
     module name, a string is a regex that must match the full name, and ``"all-linear"``
     selects every linear layer but the output head. Every parameter that is not a LoRA
-    parameter is frozen.
+    parameter is frozen. ``adapter_dtype`` None keeps adapters in float32 on a 16-bit model,
+    as PEFT does; pass the model's dtype for 16-bit adapters.
     """
     check_hyperparameters(rank, alpha, dropout, use_rslora)
+    if adapter_dtype is not None:
+        _adapter_dtype(adapter_dtype, None)  # reject a bad value before looking at the model
     names = find_target_modules(model, target_modules)
     for name in names:  # check every layer before changing any
         try:
@@ -297,9 +346,8 @@ def apply_lora(
         except (TypeError, ValueError) as err:
             raise type(err)(f"{err} (layer {name!r})") from None
     for name in names:
-        _replace(
-            model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, use_rslora)
-        )
+        base = model.get_submodule(name)
+        _replace(model, name, LoRALinear(base, rank, alpha, dropout, use_rslora, adapter_dtype))
     for param in model.parameters():
         param.requires_grad_(False)
     for module in model.modules():

@@ -72,10 +72,11 @@ class ModelSpec:
     qkv_bias: bool = False  # biases on the query/key/value projections (GPT-2, Qwen2)
     o_bias: bool = False  # bias on the attention output projection (GPT-2)
     mlp_bias: bool = False  # biases on the MLP's linear layers (GPT-2)
+    qk_norm: bool = False  # an RMSNorm on each query and key head (Qwen3)
     tied_embeddings: bool = False  # lm_head shares the token embedding matrix (GPT-2)
     position_embeddings: str = "rope"  # "rope": no weights; "learned": a (max_positions, d) table
     max_positions: int = 4096  # context length the model was trained for
-    naming: str = "llama"  # parameter names as in "llama" (LlamaForCausalLM) or "gpt2"
+    naming: str = "llama"  # names as in "llama" (LlamaForCausalLM), "phi3" (fused) or "gpt2"
 
     def __post_init__(self):
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
@@ -103,8 +104,10 @@ class ModelSpec:
         _check_choice(
             "ModelSpec.position_embeddings", self.position_embeddings, ("rope", "learned")
         )
-        _check_choice("ModelSpec.naming", self.naming, ("llama", "gpt2"))
-        for f in ("qkv_bias", "o_bias", "mlp_bias", "tied_embeddings"):
+        _check_choice("ModelSpec.naming", self.naming, ("llama", "phi3", "gpt2"))
+        if self.naming == "phi3" and self.mlp != "gated":
+            raise ValueError("ModelSpec.naming='phi3' means a fused gate_up_proj (mlp='gated')")
+        for f in ("qkv_bias", "o_bias", "mlp_bias", "qk_norm", "tied_embeddings"):
             _check_bool(f"ModelSpec.{f}", getattr(self, f))
         if self.naming == "gpt2":
             fused_ok = self.kv_heads == self.num_heads and self.qk_dim == self.hidden_size
@@ -127,17 +130,51 @@ class ModelSpec:
         """Width of the concatenated query heads (= hidden_size unless head_dim says otherwise)."""
         return self.num_heads * self.dim_per_head
 
+    @property
+    def kv_dim(self):
+        """Width of the key (and of the value) projection: smaller under grouped-query attention."""
+        return self.kv_heads * self.dim_per_head
+
     @classmethod
     def from_config(cls, config):
         """A spec from a preset name, a transformers config (or its dict) or a GPTConfig."""
         return _spec_from(config)
+
+    @classmethod
+    def from_model(cls, model):
+        """The spec of a model in memory: the shipped GPT, a transformers model, or either
+        wrapped by PEFT. The one place a chapter reads a model's sizes from."""
+        import torch.nn as nn
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        for m in (model, getattr(model, "base_model", None)):
+            for candidate in (m, getattr(m, "model", None)):
+                config = getattr(candidate, "config", None)
+                if config is not None and not isinstance(config, dict):
+                    return _spec_from(config)
+        raise TypeError(
+            f"model ({type(model).__name__}) has no .config: pass the shipped GPT or a "
+            "transformers model"
+        )
+
+    def attention_targets(self):
+        """The ``target_modules`` that put LoRA on the attention projections, by naming."""
+        return _default_targets(self)
 
     # -- the tensors ----------------------------------------------------------------------
 
     def linear_layers(self):
         """The linear layers of one block: relative name -> (in_features, out_features, bias)."""
         d, inter = self.hidden_size, self.intermediate_size
-        q, kv = self.qk_dim, self.kv_heads * self.dim_per_head
+        q, kv = self.qk_dim, self.kv_dim
+        if self.naming == "phi3":  # fused q/k/v and gate/up
+            return {
+                "self_attn.qkv_proj": (d, q + 2 * kv, self.qkv_bias),
+                "self_attn.o_proj": (q, d, self.o_bias),
+                "mlp.gate_up_proj": (d, 2 * inter, self.mlp_bias),
+                "mlp.down_proj": (inter, d, self.mlp_bias),
+            }
         if self.naming == "gpt2":
             return {
                 "attn.c_attn": (d, 3 * d, self.qkv_bias),
@@ -182,6 +219,9 @@ class ModelSpec:
                 shapes[f"{prefix}{rel}.weight"] = (fin, fout) if gpt2 else (fout, fin)
                 if bias:
                     shapes[f"{prefix}{rel}.bias"] = (fout,)
+            if self.qk_norm:
+                shapes[f"{prefix}self_attn.q_norm.weight"] = (self.dim_per_head,)
+                shapes[f"{prefix}self_attn.k_norm.weight"] = (self.dim_per_head,)
             for n in norms:
                 for kind, shape in norm.items():
                     shapes[f"{prefix}{n}.{kind}"] = shape
@@ -233,9 +273,11 @@ class ModelSpec:
 
 
 def _default_targets(spec):
-    """The four attention projections: q/k/v/o, or GPT-2's fused c_attn and its c_proj."""
+    """The attention projections: q/k/v/o, Phi-3's qkv_proj/o_proj, or GPT-2's c_attn/c_proj."""
     if spec.naming == "gpt2":
         return ("c_attn", "attn.c_proj")
+    if spec.naming == "phi3":
+        return ("qkv_proj", "o_proj")
     return ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -308,6 +350,9 @@ PRESETS = {
 }  # fmt: skip
 
 
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+
+
 def _spec_from_transformers(cfg):
     kind = getattr(cfg, "model_type", None)
     if kind == "gpt2":
@@ -325,9 +370,11 @@ def _spec_from_transformers(cfg):
             num_heads=cfg.n_head,
             **gpt2,
         )
-    if kind in ("llama", "mistral", "qwen2"):
-        if getattr(cfg, "hidden_act", "silu") != "silu":
-            raise ValueError(f"config.hidden_act must be 'silu' (SwiGLU), got {cfg.hidden_act!r}")
+    if kind in LLAMA_FAMILY:
+        act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+        allowed = ("gelu_pytorch_tanh", "gelu") if kind == "gemma" else ("silu",)
+        if act not in allowed:
+            raise ValueError(f"config.hidden_act must be one of {allowed} (gated MLP), got {act!r}")
         attn_bias = bool(getattr(cfg, "attention_bias", False) or False)
         return ModelSpec(
             name=getattr(cfg, "name_or_path", "") or f"{kind}-config",
@@ -341,11 +388,13 @@ def _spec_from_transformers(cfg):
             qkv_bias=True if kind == "qwen2" else attn_bias,  # Qwen2: q/k/v biases, not o
             o_bias=False if kind == "qwen2" else attn_bias,
             mlp_bias=bool(getattr(cfg, "mlp_bias", False) or False),
+            qk_norm=kind == "qwen3",
             tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             max_positions=cfg.max_position_embeddings,
+            naming="phi3" if kind == "phi3" else "llama",
         )
     raise ValueError(
-        f"config.model_type must be one of ['llama', 'mistral', 'qwen2', 'gpt2'], got {kind!r}"
+        f"config.model_type must be one of {[*LLAMA_FAMILY, 'gpt2']}, got {kind!r}"
     )
 
 
@@ -514,14 +563,22 @@ def _layer_saved(spec, i, grad_in, t):
         (spec.layer_prefix(i) + rel, fin, fout)
         for rel, (fin, fout, _) in spec.linear_layers().items()
     ]
-    if spec.naming == "gpt2":  # c_attn | attn.c_proj | c_fc | mlp.c_proj
+    if spec.naming in ("gpt2", "phi3"):  # fused: c_attn | c_proj | c_fc | c_proj (or Phi-3's)
         attn_in, attn_out, mlp_in, mlp_out = lin[:1], lin[1:2], lin[2:3], lin[3:4]
     else:  # q, k, v | o | (gate,) up | down
         attn_in, attn_out, mlp_in, mlp_out = lin[:3], lin[3:4], lin[4:-1], lin[-1:]
     saved, g = _norm_saved(spec, grad_in, t)
     s, grads = _linears_saved(attn_in, g, t)
     saved += s
-    saved += _attention_saved(spec, [grads[n] for n, _, _ in attn_in], t)
+    qkv_grads = [grads[n] for n, _, _ in attn_in]
+    if spec.qk_norm:  # Qwen3's per-head RMSNorm of q and k keeps their fp32 input and 1/rms
+        q, k = (qkv_grads * 3)[:2] if len(qkv_grads) == 1 else qkv_grads[:2]
+        for needed, heads in ((q, spec.num_heads), (k, spec.kv_heads)):
+            if needed or t.full:
+                saved += heads * (4 * spec.dim_per_head + 4) + (
+                    t.a * heads * spec.dim_per_head if t.full else 0
+                )
+    saved += _attention_saved(spec, qkv_grads, t)
     qkv_grad, flash = any(grads.values()), t.attention == "flash"
     s, grads = _linears_saved(attn_out, qkv_grad, t, input_kept=qkv_grad and flash)
     saved += s
@@ -531,7 +588,7 @@ def _layer_saved(spec, i, grad_in, t):
     s, grads = _linears_saved(mlp_in, g2, t)
     saved += s
     if spec.mlp == "gated":  # silu keeps gate's output; the product keeps each factor
-        gate, up = grads[mlp_in[0][0]], grads[mlp_in[1][0]]  # for the other's gradient
+        gate, up = grads[mlp_in[0][0]], grads[mlp_in[-1][0]]  # (one fused gate_up: the same)
         saved += inter * a * (2 * int(gate) + int(up))
         hidden_grad = gate or up
     else:  # gelu keeps its input

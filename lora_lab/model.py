@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hub import SHIPPED_MODEL, is_shipped, load_dtype
+
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
-SHIPPED_MODEL = "lora-lab/tiny-gpt"  # the name load_model() gives the shipped checkpoint
 
 
 @dataclass
@@ -382,26 +383,37 @@ def export_transformers(model, path, tokenizer=None):
     return path
 
 
+def _stored_dtype(hf_config):
+    """The dtype a transformers config says its weights are stored in (None if it says none)."""
+    return getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+
+
 def load_model(name=None, device=None, **hf_kwargs):
     """The "Colab switch": ``(model, tokenizer)`` for the shipped GPT or a transformers model.
 
     ``name`` None or ``"lora-lab/tiny-gpt"`` gives the shipped GPT and its CharTokenizer. Any
     other string is a transformers model ID or local directory, loaded with
     ``AutoModelForCausalLM`` (``hf_kwargs`` go to its ``from_pretrained``) and ``AutoTokenizer``.
+    Unless ``hf_kwargs`` name a dtype, a 16-bit checkpoint loads in 16 bits, in the type the
+    device computes natively (``lora_lab.hub.load_dtype``); others load as stored.
     """
     from .tokenizer import CharTokenizer, HFTokenizer
     from .utils import get_device
 
-    if name is None or name == SHIPPED_MODEL:
+    if is_shipped(name):
         if hf_kwargs:
             raise ValueError(f"hf_kwargs {sorted(hf_kwargs)} apply only to transformers models")
         return load_pretrained(device=device), CharTokenizer()
     if not isinstance(name, (str, os.PathLike)) or not str(name):
         raise TypeError(f"name must be None, {SHIPPED_MODEL!r}, a model ID or a path, got {name!r}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    device = get_device() if device is None else torch.device(device)
+    if not {"dtype", "torch_dtype"} & set(hf_kwargs):
+        stored = _stored_dtype(AutoConfig.from_pretrained(str(name)))
+        hf_kwargs["dtype"] = load_dtype(stored, device)
     tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(str(name)))
     model = AutoModelForCausalLM.from_pretrained(str(name), **hf_kwargs)
     if "device_map" not in hf_kwargs and "quantization_config" not in hf_kwargs:
-        model = model.to(get_device() if device is None else torch.device(device))
+        model = model.to(device)
     return model.eval(), tokenizer
