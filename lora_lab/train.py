@@ -4,6 +4,7 @@ Works unchanged on CPU, CUDA and MPS (it uses the model's own device), and with 
 shipped GPT and a transformers causal LM (logits are taken from ``out.logits`` there).
 """
 
+import contextlib
 import math
 import sys
 import time
@@ -182,8 +183,15 @@ def train(
     grad_clip=1.0,
     seed=0,
     progress=True,
+    autocast_dtype=None,
 ):
     """Fine-tune the parameters of ``model`` that require grad on ``task``'s train split.
+
+    Trainable parameters must be float32 (the master weights): AdamW's small updates round
+    away in a 16-bit weight. A 16-bit model is fine-tuned with a float32 copy and
+    ``autocast_dtype`` torch.bfloat16 or torch.float16 (mixed precision: matmuls in 16 bits,
+    weights and optimizer in 32); frozen weights may be 16-bit. On CUDA, float16 anywhere in
+    the forward pass turns on a gradient scaler, so small gradients do not underflow.
 
     AdamW, loss on target tokens only, batches drawn from reshuffled epochs. Seeds torch with
     ``seed`` (dropout) and draws batches from its own generator, so a CPU run is repeatable.
@@ -206,8 +214,28 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model has no parameters with requires_grad=True; nothing to train")
+    half = sorted({str(p.dtype) for p in trainable if p.dtype != torch.float32})
+    if half:
+        raise ValueError(
+            f"the trainable parameters are {half}, not float32: AdamW updates smaller than a "
+            "16-bit weight's spacing round away. Train a float32 copy (model.float()) with "
+            "autocast_dtype=torch.bfloat16 (or torch.float16), or keep LoRA adapters in float32"
+        )
+    if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}"
+        )
 
     device = _device(model)
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    fp16 = autocast_dtype == torch.float16 or any(
+        p.dtype == torch.float16 for p in model.parameters()
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16 and device.type == "cuda")
     examples = encode_pairs(task.train, tokenizer, _context_length(model))
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     history = TrainHistory(
@@ -233,12 +261,15 @@ def train(
             order += torch.randperm(len(examples), generator=gen).tolist()
         batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
         x, y = make_batch(batch, device)
-        logits = logits_of(model, x)  # (B, T, V)
+        with autocast:
+            logits = logits_of(model, x)  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
-        loss.backward()
+        scaler.scale(loss).backward()  # the identity when the scaler is off
         if grad_clip is not None:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         if step == 0:  # gradients and optimizer state now all exist: measure them
             history.memory.update(state_bytes(model, optimizer))
         optimizer.zero_grad(set_to_none=True)

@@ -210,13 +210,22 @@ def test_dropout_matches_peft_in_train_mode_and_is_off_in_eval():
 
 
 def test_dtypes_and_devices_follow_the_base():
-    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+    """Adapters take the base's dtype, except on a 16-bit base: float32 there, as in PEFT."""
+    for dtype, adapter in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32),
+                           (torch.float16, torch.float32)):  # fmt: skip
         base = nn.Linear(16, 8, dtype=dtype)
         layer = LoRALinear(base, rank=2, alpha=4)
-        for p in layer.parameters():
-            assert p.dtype == dtype and p.device == base.weight.device
+        assert layer.base_layer.weight.dtype == dtype
+        for p in (layer.lora_A.weight, layer.lora_B.weight):
+            assert p.dtype == adapter and p.device == base.weight.device
         x = torch.randn(3, 16, dtype=dtype)
-        assert layer(x).dtype == dtype
+        assert layer(x).dtype == dtype  # the output keeps the base's dtype
+        asked = LoRALinear(base, rank=2, alpha=4, adapter_dtype=dtype)
+        assert asked.lora_A.weight.dtype == asked.lora_B.weight.dtype == dtype
+    with pytest.raises(TypeError, match="adapter_dtype must be None or a floating"):
+        LoRALinear(nn.Linear(4, 4), rank=2, adapter_dtype=torch.int8)
+    with pytest.raises(TypeError, match="adapter_dtype must be None or a floating"):
+        apply_lora(nn.Sequential(nn.Linear(4, 4)), rank=2, target_modules=["0"], adapter_dtype="fp32")
     base = nn.Linear(16, 8, dtype=torch.float64)
     layer = LoRALinear(base, rank=2, alpha=4)
     randomize_lora(layer)
@@ -440,7 +449,7 @@ def test_bad_dropout(dropout):
 def test_bad_use_rslora_and_base():
     with pytest.raises(TypeError, match="use_rslora must be True or False, got 'yes'"):
         LoRALinear(nn.Linear(8, 8), rank=2, use_rslora="yes")
-    with pytest.raises(TypeError, match="base must be a torch.nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError, match="base must be a torch.nn.Linear or a transformers Conv1D, got Conv1d"):
         LoRALinear(nn.Conv1d(4, 4, 1), rank=2)
     with pytest.raises(TypeError, match="already a LoRALinear"):
         LoRALinear(LoRALinear(nn.Linear(8, 8), rank=2), rank=2)
