@@ -1,26 +1,28 @@
 """A small Sphinx extension for the book.
 
-sphinx-thebe registers its inline configuration script on every read of the
-sources, and with Sphinx 7 the page ends up declaring ``const THEBE_JS_URL``
-twice (once with filename None, once with ''), which the browser reports as an
-uncaught SyntaxError. This drops duplicate scripts from each page before it is
-written.
+The book is built from the outputs committed in the notebooks
+(``execute_notebooks: "off"`` in _config.yml). Setting ``LORA_LAB_EXECUTE=1``
+in the environment (``make book EXECUTE=1``) executes them instead, with
+results cached in the build folder; "0" or unset keeps the configured mode.
+jupyter-book 1 has no command-line option to override one setting, and a
+second, edited copy of _config.yml would have to repeat every path in it.
 """
 
+import os
 
-def _dedupe_scripts(app, pagename, templatename, context, doctree):
-    scripts = context.get("script_files")
-    if not scripts:
+EXECUTE_VAR = "LORA_LAB_EXECUTE"
+
+
+def _execution_mode(app, config):
+    value = os.environ.get(EXECUTE_VAR, "").strip()
+    if value in ("", "0"):
         return
-    seen, unique = set(), []
-    for script in scripts:
-        key = (script.filename or None, tuple(sorted((k, str(v)) for k, v in script.attributes.items())))
-        if key not in seen:
-            seen.add(key)
-            unique.append(script)
-    context["script_files"] = unique
+    if value != "1":
+        raise ValueError(f"{EXECUTE_VAR}={value!r}: use 1 (execute, cached) or 0 (committed outputs)")
+    # read by myst-nb at builder-inited, after this
+    config.nb_execution_mode = "cache"
 
 
 def setup(app):
-    app.connect("html-page-context", _dedupe_scripts, priority=900)
+    app.connect("config-inited", _execution_mode)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
