@@ -1,5 +1,6 @@
 # LoRA Lab: two commands.
-#   make book   set up, execute the notebooks (cached) and build the book
+#   make book   set up, then build the book from the notebooks' committed outputs
+#               (make book EXECUTE=1 executes the notebooks first, cached)
 #   make test   set up, then run every check of the course
 #
 # Set-up uses the active virtual environment if there is one; otherwise it
@@ -17,6 +18,8 @@ VENV := .venv
 endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lora-lab-installed
+# make book EXECUTE=1: execute the notebooks (cached) instead of showing their committed outputs
+EXECUTE ?= 0
 
 # never let transformers or the hub reach the network
 export HF_HUB_OFFLINE := 1
@@ -27,7 +30,7 @@ export PYTHONHASHSEED := 0
 
 .PHONY: setup book test unit notebooks lint clean
 
-setup: $(STAMP) _vendor/mathjax/tex-chtml.js
+setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,13 +39,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 
-_vendor/mathjax/tex-chtml.js: $(STAMP)
-	$(PY) scripts/vendor_mathjax.py
-
+# one command builds the book, here and in the browser test (tests/book.py)
 book: setup
 	$(PY) scripts/chapter_cells.py --check
-	$(VENV)/bin/jupyter-book build . -W -n --keep-going
-	@echo "The book is built: open file://$(CURDIR)/_build/html/index.html"
+	$(PY) -m tests.book build $(if $(filter 1,$(EXECUTE)),--execute)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -1,12 +1,20 @@
-"""Build the book from committed outputs and inspect its pages in a real browser.
+"""Build the book, and inspect its pages in a real browser.
 
-Used by tests/test_book.py. Kept apart so the page checks can be tested on a
-page with a fault put in on purpose (the test must be able to fail).
+``build`` is the one definition of how the book is built: ``make book`` runs
+``python -m tests.book build`` and tests/test_book.py calls ``build`` with
+only the output folder changed, so the test checks the book users get. By
+default the pages show the outputs committed in the notebooks (nbval checks
+them); ``--execute`` (``make book EXECUTE=1``) executes the notebooks first.
+
+The page checks are kept here, apart from the tests, so that they can be run
+on a page with a fault put in on purpose (a test must be able to fail).
 """
 
+import argparse
 import functools
 import http.server
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -15,6 +23,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# read by _ext/book_fixes.py: "1" executes the notebooks (cached), "0" does not
+EXECUTE_VAR = "LORA_LAB_EXECUTE"
+# pages Sphinx writes besides those in _toc.yml (index.html redirects to the root)
+EXTRA_PAGES = ["index", "search", "genindex"]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -25,6 +37,8 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # no request ever leaves this machine, even where there is a network
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 ]
 
 
@@ -52,25 +66,33 @@ def source_title(page):
     raise AssertionError(f"{page}: no '# ' title line in its source")
 
 
-def build(out_dir):
-    """Build the HTML book into ``out_dir`` with execution off and warnings as errors."""
-    config = yaml.safe_load((ROOT / "_config.yml").read_text())
-    config["execute"]["execute_notebooks"] = "off"  # use the committed outputs
-    # the config is written elsewhere, so make its paths absolute
-    sphinx = config["sphinx"]
-    sphinx["config"]["html_static_path"] = [str(ROOT / p) for p in sphinx["config"]["html_static_path"]]
-    sphinx["local_extensions"] = {k: str(ROOT / v) for k, v in sphinx["local_extensions"].items()}
-    config["html"]["favicon"] = str(ROOT / config["html"]["favicon"])
-    cfg = Path(out_dir) / "_config.yml"
-    cfg.write_text(yaml.safe_dump(config))
-    cmd = [
+class BuildError(RuntimeError):
+    pass
+
+
+def build_command(output=ROOT):
+    """The jupyter-book command line that builds the HTML book into ``output``/_build/html."""
+    return [
         str(Path(sys.executable).with_name("jupyter-book")), "build", str(ROOT),
-        "--config", str(cfg), "--path-output", str(out_dir), "-W", "-n", "--keep-going",
+        "--path-output", str(output), "-W", "-n", "--keep-going",
     ]
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+
+
+def build(output=ROOT, execute=False, capture=True):
+    """Build the book into ``output``/_build/html, warnings as errors; return that folder.
+
+    ``execute=False`` shows the committed outputs whatever the environment
+    says; ``execute=True`` executes the notebooks, cached in the build folder.
+    """
+    from scripts import vendor_mathjax  # MathJax is served from the book
+
+    vendor_mathjax.main()
+    env = {**os.environ, EXECUTE_VAR: "1" if execute else "0"}
+    run = subprocess.run(build_command(output), cwd=ROOT, env=env, capture_output=capture, text=True)
     if run.returncode != 0:
-        raise AssertionError(f"jupyter-book build failed:\n{run.stdout[-6000:]}\n{run.stderr[-4000:]}")
-    return Path(out_dir) / "_build" / "html"
+        detail = f":\n{run.stdout[-6000:]}\n{run.stderr[-4000:]}" if capture else ""
+        raise BuildError(f"jupyter-book build failed (exit {run.returncode}){detail}")
+    return Path(output) / "_build" / "html"
 
 
 class Server:
@@ -94,6 +116,57 @@ class Server:
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
+
+
+# a page may use these without asking any host for anything
+LOCAL_SCHEMES = ("data:", "blob:", "about:")
+
+
+def is_external(url, site):
+    """Whether fetching ``url`` asks another host than the book's server ``site``."""
+    return not url.startswith(site) and not url.startswith(LOCAL_SCHEMES)
+
+
+class Visit:
+    """One page opened in the browser, with what it asked for and what went wrong.
+
+    ``external``: every request the page made to another host (none may be:
+    the book must read offline); they fail, as Chromium resolves no host name
+    but 127.0.0.1 (CHROMIUM_ARGS).
+    ``errors``: console errors from the book's own assets, uncaught
+    exceptions and the book's own requests that failed.
+    """
+
+    def __init__(self, browser, site, path):
+        self.site = site
+        self.external = []
+        self.errors = []
+        self.page = page = browser.new_page()
+        page.on("request", self._on_request)
+        page.on("console", self._on_console)
+        page.on("pageerror", lambda exc: self.errors.append(f"uncaught: {exc}"))
+        page.on("requestfailed", self._on_failed)
+        self.response = page.goto(site + path, wait_until="load")
+
+    def _on_request(self, request):
+        if is_external(request.url, self.site):
+            self.external.append(request.url)
+
+    def _on_console(self, msg):
+        if msg.type == "error" and (msg.location.get("url") or self.site).startswith(self.site):
+            self.errors.append(msg.text)
+
+    def _on_failed(self, request):
+        if not is_external(request.url, self.site):
+            self.errors.append(f"failed: {request.url}")
+
+    def external_requests(self):
+        """Once the page has gone quiet: one problem per request made to another host."""
+        self.page.wait_for_load_state("networkidle")
+        return [f"external request: {url}" for url in self.external]
+
+    def close(self):
+        self.page.close()
 
 
 def colab_link(page):
@@ -138,3 +211,24 @@ def page_problems(page, expect_title, colab=None, own_errors=()):
         if bad in text:
             problems.append(f"page text contains {bad!r}")
     return problems
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m tests.book", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["build"])
+    parser.add_argument("--execute", action="store_true",
+                        help="execute the notebooks (cached) instead of showing their committed outputs")
+    parser.add_argument("--output", type=Path, default=ROOT,
+                        help="folder to hold _build/ (default: the repository)")
+    args = parser.parse_args(argv)
+    try:
+        html = build(args.output.resolve(), execute=args.execute, capture=False)
+    except BuildError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"The book is built: open file://{html / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,12 +1,16 @@
 """The built book, opened page by page in headless Chromium.
 
-The book is built once per session from the committed notebook outputs (no
-execution: nbval already ran them), then every page in _toc.yml is loaded.
+The book is built once per session by ``book.build``, the function
+``make book`` runs, into a temporary folder: from the committed notebook
+outputs (no execution: nbval checks them). Then every page is loaded, those
+in _toc.yml and those Sphinx adds (index, search, general index), and none
+may ask another host for anything.
 """
 
 import os
 
 import pytest
+import yaml
 
 from tests import book
 
@@ -16,8 +20,12 @@ PAGES = book.toc_pages()
 
 
 @pytest.fixture(scope="session")
-def site(tmp_path_factory):
-    html = book.build(tmp_path_factory.mktemp("book"))
+def html(tmp_path_factory):
+    return book.build(tmp_path_factory.mktemp("book"))
+
+
+@pytest.fixture(scope="session")
+def site(html):
     with book.Server(html) as server:
         yield server.url
 
@@ -36,49 +44,79 @@ def browser():
         chromium.close()
 
 
-def open_page(browser, site, page_path):
-    """Open one page; return it and the console errors raised by the book's own assets."""
-    page = browser.new_page()
-    errors = []
-
-    def on_console(msg):
-        if msg.type == "error" and (msg.location.get("url") or site).startswith(site):
-            errors.append(msg.text)
-
-    page.on("console", on_console)
-    page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
-    page.on("requestfailed", lambda req: req.url.startswith(site) and errors.append(f"failed: {req.url}"))
-    # the book must read offline: nothing may be fetched from another host
-    page.on("request", lambda req: req.url.startswith(("http:", "https:"))
-            and not req.url.startswith(site) and errors.append(f"external request: {req.url}"))
-    response = page.goto(site + page_path + ".html", wait_until="load")
-    assert response is not None and response.ok, f"{page_path}.html: HTTP {response and response.status}"
-    return page, errors
+def open_page(browser, site, path):
+    visit = book.Visit(browser, site, path)
+    response = visit.response
+    assert response is not None and response.ok, f"{path}: HTTP {response and response.status}"
+    return visit
 
 
 @pytest.mark.parametrize("page_path", PAGES)
 def test_page(browser, site, page_path):
-    page, errors = open_page(browser, site, page_path)
+    visit = open_page(browser, site, page_path + ".html")
+    page = visit.page
     is_notebook = page_path.startswith("notebooks/")
     problems = book.page_problems(
         page,
         expect_title=book.source_title(page_path),
         colab=book.colab_link(page_path) if is_notebook else None,
-        own_errors=errors,
+        own_errors=visit.errors,
     )
     if is_notebook:
         if page.locator(".math").count() == 0:
             problems.append("a chapter page with no typeset math")
         if page.locator("img").count() < 2:
             problems.append("a chapter page with no figure besides the badge")
-    page.close()
+    problems += visit.external_requests()
+    visit.close()
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("page_path", book.EXTRA_PAGES)
+def test_extra_page(browser, site, page_path):
+    """The pages Sphinx adds load cleanly too: index leads to the first page, search finds chapters."""
+    query = "?q=LoRA" if page_path == "search" else ""
+    visit = open_page(browser, site, page_path + ".html" + query)
+    page = visit.page
+    if page_path == "index":  # a redirect to the first page
+        page.wait_for_url(site + PAGES[0] + ".html", wait_until="load")
+    if page_path == "search":
+        page.wait_for_selector("#search-results ul li", timeout=15_000)
+    problems = [f"console error from the book: {e}" for e in visit.errors]
+    problems += [f"figure not loaded: {src}" for src in page.evaluate(book.BROKEN_IMAGES_JS)]
+    if "LoRA Lab" not in page.title():
+        problems.append(f"title {page.title()!r} lacks 'LoRA Lab'")
+    problems += visit.external_requests()
+    visit.close()
+    assert not problems, "\n".join(problems)
+
+
+def test_every_built_page_is_visited(html):
+    """No page of the build escapes the tests above."""
+    built = {str(p.relative_to(html).with_suffix("")) for p in html.rglob("*.html")}
+    built = {p for p in built if not p.startswith("_")}  # _static, _sources: not pages
+    assert built == set(PAGES) | set(book.EXTRA_PAGES)
+
+
+def test_checks_catch_an_external_request(browser, tmp_path):
+    """A page that loads a script from another host is reported, by the same Visit."""
+    (tmp_path / "cdn.html").write_text(
+        "<!DOCTYPE html><html><head><title>CDN</title>"
+        '<script src="https://cdn.example.com/x.js"></script></head>'
+        "<body><p>hello</p></body></html>"
+    )
+    with book.Server(tmp_path) as server:
+        visit = open_page(browser, server.url, "cdn.html")
+        problems = visit.external_requests()
+        visit.close()
+    assert problems == ["external request: https://cdn.example.com/x.js"], problems
 
 
 def test_checks_catch_a_missing_figure(browser, site):
     """The page checks must fail on a page whose figure does not load."""
     chapter = next(p for p in PAGES if p.startswith("notebooks/"))
-    page, errors = open_page(browser, site, chapter)
+    visit = open_page(browser, site, chapter + ".html")
+    page = visit.page
     page.evaluate(
         """() => new Promise(done => {
             const img = document.createElement('img');
@@ -87,10 +125,32 @@ def test_checks_catch_a_missing_figure(browser, site):
             document.querySelector('main').appendChild(img);
         })"""
     )
-    problems = book.page_problems(page, expect_title=book.source_title(chapter), own_errors=errors)
-    page.close()
+    problems = book.page_problems(page, expect_title=book.source_title(chapter), own_errors=visit.errors)
+    visit.close()
     assert any("this-figure-does-not-exist.png" in p for p in problems), problems
-    assert any("404" in e for e in errors), f"the 404 was not seen as a console error: {errors}"
+    assert any("404" in e for e in visit.errors), f"the 404 was not seen as a console error: {visit.errors}"
+
+
+def test_execute_switch(monkeypatch):
+    """LORA_LAB_EXECUTE=1 (make book EXECUTE=1) turns execution on; 0 or unset keeps "off"."""
+    import types
+
+    from _ext import book_fixes
+
+    assert book_fixes.EXECUTE_VAR == book.EXECUTE_VAR
+    config = yaml.safe_load((book.ROOT / "_config.yml").read_text())
+    assert config["execute"]["execute_notebooks"] == "off", "make book must not execute by default"
+    for value, mode in [(None, "off"), ("0", "off"), ("1", "cache")]:
+        if value is None:
+            monkeypatch.delenv(book.EXECUTE_VAR, raising=False)
+        else:
+            monkeypatch.setenv(book.EXECUTE_VAR, value)
+        config = types.SimpleNamespace(nb_execution_mode="off")
+        book_fixes._execution_mode(None, config)
+        assert config.nb_execution_mode == mode, value
+    monkeypatch.setenv(book.EXECUTE_VAR, "yes")
+    with pytest.raises(ValueError):
+        book_fixes._execution_mode(None, types.SimpleNamespace(nb_execution_mode="off"))
 
 
 def test_colab_badges_follow_the_config():
