@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import pytest
 
 from lora_lab.gpu_results import gpu_check_table, read_gpu_check
@@ -29,7 +30,7 @@ def test_table_shows_measurements_and_skips(tmp_path):
     table = gpu_check_table(read_gpu_check(path))
     assert table.loc["lora", "measured peak (GB)"] == pytest.approx(15.3)
     assert table.loc["qlora", "measured / estimate"] == pytest.approx(0.98)
-    assert table.loc["full", "measured peak (GB)"] is None  # skipped: never estimated instead
+    assert pd.isna(table.loc["full", "measured peak (GB)"])  # skipped: never estimated instead
     assert "exceeds" in table.loc["full", "note"]
 
 
