@@ -4,8 +4,10 @@
 #   make test   set up, then run every check of the course
 #
 # Set-up uses the active virtual environment if there is one; otherwise it
-# makes .venv here. On a CPU-only machine install the small CPU build of torch
-# first (see README), or pip will fetch the large CUDA build.
+# makes .venv here. If torch is not installed there yet and the machine has no
+# NVIDIA GPU, it installs the small CPU build of torch first, from
+# $(TORCH_CPU_INDEX), rather than let pip fetch the large CUDA build; a torch
+# already installed (from a local wheel, an offline index...) is kept.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -18,6 +20,10 @@ VENV := .venv
 endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lora-lab-installed
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_FALLBACK := torch comes with requirements.txt from your usual index instead, which on a \
+CPU-only machine may be the large CUDA build. To choose the build, install torch into $(VENV) \
+first (see README) and run make again.
 # make book EXECUTE=1: execute the notebooks (cached) instead of showing their committed outputs
 EXECUTE ?= 0
 
@@ -35,6 +41,17 @@ setup: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	    echo "set-up: keeping the torch already installed ($$($(PY) -c 'import torch; print(torch.__version__)'))"; \
+	elif nvidia-smi >/dev/null 2>&1 || test -e /proc/driver/nvidia; then \
+	    echo "set-up: NVIDIA GPU found: torch comes with requirements.txt"; \
+	elif $(PY) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=20)" 2>/dev/null; then \
+	    echo "set-up: no NVIDIA GPU: installing the CPU build of torch from $(TORCH_CPU_INDEX)"; \
+	    $(PY) -m pip install --quiet torch --index-url $(TORCH_CPU_INDEX) \
+	        || echo "set-up: installing torch from $(TORCH_CPU_INDEX) failed; $(TORCH_FALLBACK)" >&2; \
+	else \
+	    echo "set-up: no NVIDIA GPU, but $(TORCH_CPU_INDEX) cannot be reached; $(TORCH_FALLBACK)" >&2; \
+	fi
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
