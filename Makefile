@@ -33,6 +33,9 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 # keep numbers identical across runs of the same machine
 export PYTHONHASHSEED := 0
+# idle OpenMP threads sleep instead of spinning, in every process the tests start (lora_lab
+# sets the same when it is imported first; see benchmarks/busy_machine.py)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup book test unit notebooks lint clean
 

@@ -6,7 +6,17 @@ first use, so importing ``lora_lab`` stays cheap and pulls in no heavy library
 (transformers, peft, bitsandbytes) until a chapter asks for it.
 """
 
+import os
 from importlib import import_module
+
+# torch's OpenMP worker threads busy-wait ("spin") after each parallel region. When another
+# process competes for the cores, the spinning workers take the CPU time the working thread
+# needs, and a chapter on a 2-core machine runs 3 to 10 times slower than on a quiet one
+# (benchmarks/busy_machine.py measures it). PASSIVE makes idle workers sleep instead. OpenMP
+# reads the variable once, when torch loads it, so it is set here, before lora_lab's first
+# ``import torch``; a value already in the environment wins, and a torch imported before
+# lora_lab keeps the runtime's default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
