@@ -82,9 +82,20 @@ def test_init_bound_is_what_lora_a_draws():
     assert check.init_bound(biggest, in_features=352).correct
 
 
+def test_init_bound_on_another_model():
+    """Qwen2.5-0.5B's down_proj reads 4864 features; its hidden size is 896."""
+    assert check.init_bound(1 / math.sqrt(4864), in_features=4864, hidden_size=896).correct
+    result = check.init_bound(1 / math.sqrt(896), in_features=4864, hidden_size=896)
+    assert not result.correct and "n_embd) = 896" in result.message
+    result = check.init_bound(1 / math.sqrt(128), in_features=4864, hidden_size=896)
+    assert not result.correct and "n_embd" not in result.message  # the shipped width: no named slip
+
+
 def test_init_bound_rejects_bad_width():
     with pytest.raises(ValueError, match="in_features must be a positive int"):
         check.init_bound(0.1, in_features=0)
+    with pytest.raises(ValueError, match="hidden_size must be a positive int"):
+        check.init_bound(0.1, hidden_size=64.0)
 
 
 def spectrum_layer():
