@@ -5,9 +5,13 @@ and ``load_adapter`` reads the directories PEFT writes. Weights are safetensors 
 a pickle), and a save is written whole to a temporary directory and then renamed into place.
 """
 
+import ctypes
+import errno
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -60,6 +64,15 @@ def _layers_of(model):
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRALinear layers (call apply_lora or load_adapter first)")
+    from .quant import QLoRALinear
+
+    qlora = [n for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
+    if qlora:
+        raise ValueError(
+            f"model also has QLoRALinear layers ({qlora[:3]}{'...' if len(qlora) > 3 else ''}), "
+            "whose adapters save_adapter does not write: saving only the LoRALinear layers "
+            "would lose them. Save a model whose adapters are all LoRALinear"
+        )
     return layers
 
 
@@ -117,13 +130,53 @@ def adapter_config(model):
 
 
 def adapter_state_dict(model):
-    """``{PEFT key: tensor}`` for every LoRA weight, e.g. ``base_model.model.<name>.lora_A.weight``."""
+    """``{PEFT key: tensor}`` for every LoRA weight, e.g. ``base_model.model.<name>.lora_A.weight``.
+
+    Refuses weights that are not finite (a diverged run): such an adapter is never written.
+    """
     tensors = {}
     for name, layer in _layers_of(model).items():
         for part in ("lora_A", "lora_B"):
             weight = getattr(layer, part).weight.detach()
-            tensors[f"{PREFIX}{name}.{part}.weight"] = weight.to("cpu").contiguous()
+            key = f"{PREFIX}{name}.{part}.weight"
+            _check_finite(weight, key, "model")
+            tensors[key] = weight.to("cpu").contiguous()
     return tensors
+
+
+def _check_finite(tensor, key, where):
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise ValueError(
+            f"{key!r} in {where} has {bad} non-finite values (NaN or infinity) of "
+            f"{tensor.numel()}: the training that made it diverged"
+        )
+
+
+# lora_lab writes two entries in the safetensors header (PEFT ignores them): a SHA-256 of the
+# tensors, which detects flipped bits (safetensors itself has no checksum), and the base
+# model's linear-layer count and parameter count, which tell a model of another size.
+SHA_KEY, BASE_KEY = "lora_lab_sha256", "lora_lab_base"
+
+
+def _digest(tensors):
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _base_fingerprint(model):
+    from .lora import _linear_names
+
+    n_params = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if ".lora_A." not in n and ".lora_B." not in n
+    )
+    return f"{len(_linear_names(model))} linear layers, {n_params} parameters"
 
 
 # ----------------------------------------------------------------------------- saving
@@ -154,46 +207,107 @@ def _check_replaceable(target):
 
 
 def _fsync(path):
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    """Flush a file, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a, b):
+    """Swap the paths ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the system cannot (another OS, an old kernel or file system).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _step(name):
+    """A named point in save_adapter, where the crash tests stop the process."""
 
 
 def _move_into_place(tmp, target):
-    """Rename ``tmp`` to ``target``; an old adapter there is swapped out, then deleted."""
+    """Put the complete adapter in ``tmp`` at ``target``; on return ``tmp`` is gone.
+
+    A new path is a plain rename. An old adapter is exchanged with the new one in one atomic
+    step, so ``target`` always holds a complete adapter, old or new, even across a crash.
+    Where the system has no atomic exchange the old adapter is renamed away first; a crash
+    between the two renames leaves it in ``.<name>.old-*`` beside ``target``.
+    """
+    parent = target.parent
     if not target.exists():
         os.rename(tmp, target)
+        _step("renamed")
+        _fsync(parent)
         return
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    if _exchange(tmp, target):  # tmp now holds the old adapter
+        _step("exchanged")
+        _fsync(parent)
+        shutil.rmtree(tmp)
+        _step("old removed")
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
     os.rename(target, backup / "adapter")
     try:
         os.rename(tmp, target)
     except BaseException:
         os.rename(backup / "adapter", target)  # put the old adapter back
+        shutil.rmtree(backup, ignore_errors=True)
         raise
+    _fsync(parent)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def _remove_debris(target):
+    """Delete temporary folders an interrupted save of ``target`` left beside it."""
+    for prefix in (f".{target.name}.tmp-", f".{target.name}.old-"):
+        for stale in target.parent.glob(prefix + "*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def save_adapter(model, path):
     """Write the LoRA weights of ``model`` to the directory ``path`` in PEFT's format.
 
-    The files go to a temporary directory beside ``path`` that is then renamed, so a crash
-    never leaves half an adapter. An existing adapter directory at ``path`` is replaced
-    (swapped out, then deleted); any other existing file or directory is refused.
-    Returns ``path`` as a ``pathlib.Path``.
+    The files are written and flushed to disk in a temporary directory beside ``path``,
+    which then takes its place in one atomic exchange (Linux; elsewhere two renames): at any
+    moment, a crash included, ``path`` holds the complete old adapter or the complete new
+    one. An existing adapter directory is replaced; a ``README.md`` in it (lora_lab never
+    writes one) is kept; any other existing file or directory is refused. Returns ``path``.
     """
     target = _as_path(path)
     config, tensors = adapter_config(model), adapter_state_dict(model)
+    metadata = {"format": "pt", SHA_KEY: _digest(tensors), BASE_KEY: _base_fingerprint(model)}
     _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_debris(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        _step("weights written")
         with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
+        _step("config written")
+        if (target / "README.md").is_file():
+            shutil.copy2(target / "README.md", tmp / "README.md")  # the user's notes stay
+        for name in os.listdir(tmp):
             _fsync(tmp / name)
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
+        _fsync(tmp)
+        _step("synced")
         _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -230,7 +344,7 @@ def read_adapter_config(path):
     config_file, _ = _adapter_files(path)
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{str(config_file)!r} is not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise ValueError(
@@ -289,6 +403,39 @@ def _check_fan_in_fan_out(flag, model, names, path):
             )
 
 
+def _read_weights(weights_file, model):
+    """The tensors of an adapter file, checked: readable, intact, finite, made for this model."""
+    from safetensors import safe_open
+
+    try:  # safetensors: plain tensors, no code executed
+        with safe_open(str(weights_file), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(weights_file))
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise ValueError(
+            f"{str(weights_file)!r} is not a readable safetensors file ({type(err).__name__}: "
+            f"{err}); it may be truncated or another format"
+        ) from None
+    if SHA_KEY in metadata and metadata[SHA_KEY] != _digest(tensors):
+        raise ValueError(
+            f"{str(weights_file)!r} is damaged: its tensors no longer match the SHA-256 "
+            "lora_lab recorded when it saved them (flipped bits or an edited file)"
+        )
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point():
+            _check_finite(tensor, key, repr(str(weights_file)))
+    return tensors, metadata
+
+
+def _check_base(metadata, model, weights_file):
+    """Where lora_lab recorded the base model's size, the model must have the same."""
+    if BASE_KEY in metadata and metadata[BASE_KEY] != _base_fingerprint(model):
+        raise ValueError(
+            f"{str(weights_file)!r} was saved on a base model with {metadata[BASE_KEY]}; "
+            f"this model has {_base_fingerprint(model)}: load it into the model it was made for"
+        )
+
+
 def load_adapter(model, path):
     """Inject the adapter at ``path`` (lora_lab's or PEFT's) into ``model`` and load it strictly.
 
@@ -313,8 +460,9 @@ def load_adapter(model, path):
     except (TypeError, ValueError) as err:
         raise type(err)(f"{err} (read from {str(path)!r}/{CONFIG_NAME})") from None
     _check_fan_in_fan_out(config.get("fan_in_fan_out", False), model, names, path)
-    tensors = load_file(str(weights_file))  # safetensors: plain tensors, no code executed
+    tensors, metadata = _read_weights(weights_file, model)
     _check_file(tensors, model, names, rank, weights_file)
+    _check_base(metadata, model, weights_file)
 
     apply_lora(model, rank, alpha, targets, dropout, use_rslora)
     with torch.no_grad():

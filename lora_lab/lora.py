@@ -16,8 +16,11 @@ import torch
 import torch.nn as nn
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
+REGEX_TIMEOUT_S = 1.0  # the most one regex may take to match one module name
+MAX_PATTERN_LENGTH = 1000  # characters of a target_modules regex
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention projections
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+MERGED_KEY = "lora_merged"  # a state-dict entry present only while a layer is merged
 
 
 def is_conv1d(module):
@@ -131,7 +134,8 @@ class LoRALinear(nn.Module):
 
         self.base_layer = base.requires_grad_(False)  # frozen W (out, in) and b (out,)
         self.rank = int(rank)
-        self.alpha = alpha
+        # a plain int or float (not a NumPy or torch scalar), as PEFT's JSON config holds it
+        self.alpha = int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
         self.use_rslora = use_rslora
         self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.fan_in_fan_out = is_conv1d(base)  # PEFT's name: the weight is stored (in, out)
@@ -200,6 +204,19 @@ class LoRALinear(nn.Module):
         self.base_layer.weight.sub_(self._delta_as_stored())
         self.merged = False
 
+    # A merged layer's base weight holds the update. Its state dict says so (``lora_merged``),
+    # and loading one sets ``merged`` from it, so the update is never applied twice: a merged
+    # state dict loaded into an unmerged model leaves the layer merged, and vice versa.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            destination[prefix + MERGED_KEY] = torch.tensor(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        flag = state_dict.pop(prefix + MERGED_KEY, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.merged = bool(flag) if flag is not None else False
+
     def extra_repr(self):
         return (
             f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, "
@@ -243,6 +260,11 @@ def check_target_modules(target_modules):
     if isinstance(target_modules, str):
         if target_modules.lower() == ALL_LINEAR:
             return ALL_LINEAR
+        if len(target_modules) > MAX_PATTERN_LENGTH:
+            raise ValueError(
+                f"target_modules is a regex of {len(target_modules)} characters; at most "
+                f"{MAX_PATTERN_LENGTH} are accepted"
+            )
         try:
             re.compile(target_modules)
         except re.error as err:
@@ -260,9 +282,24 @@ def check_target_modules(target_modules):
 
 
 def target_matches(name, target_modules):
-    """PEFT's rule: a regex is matched against the full name, a list by name suffix."""
+    """PEFT's rule: a regex is matched against the full name, a list by name suffix.
+
+    A regex may come from a file someone else wrote, and some patterns (nested repetition
+    such as ``(a+)+$``) take exponential time to fail. So it is matched by the ``regex``
+    package (Python's ``re`` syntax) with a time limit, ``REGEX_TIMEOUT_S`` per name: a
+    pattern that needs longer is refused with a ValueError instead of hanging the process.
+    """
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
+        import regex
+
+        try:
+            return regex.fullmatch(target_modules, name, timeout=REGEX_TIMEOUT_S) is not None
+        except TimeoutError:
+            raise ValueError(
+                f"target_modules regex {target_modules!r} took more than {REGEX_TIMEOUT_S} s "
+                f"to match the module name {name!r} (nested repetition backtracks "
+                "exponentially); list the module names or write a simpler pattern"
+            ) from None
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 

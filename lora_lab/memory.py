@@ -42,9 +42,25 @@ def _check_choice(name, value, valid):
         raise _bad(name, value, valid)
 
 
-def _check_positive_int(name, value):
+def _check_positive_int(name, value, limit=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if limit is not None and value > limit:
+        raise ValueError(
+            f"{name} must be at most {limit:,} (no real model is larger), got {value!r}"
+        )
+
+
+# Bounds on a ModelSpec: each a few times the largest published model's, so a typo (or a
+# hostile config) is refused at once instead of making the estimator loop for minutes.
+SPEC_LIMITS = {
+    "vocab_size": 10_000_000,
+    "hidden_size": 1_000_000,
+    "intermediate_size": 10_000_000,
+    "num_layers": 10_000,
+    "num_heads": 100_000,
+    "max_positions": 100_000_000,
+}
 
 
 def _check_bool(name, value):
@@ -79,9 +95,8 @@ class ModelSpec:
     naming: str = "llama"  # names as in "llama" (LlamaForCausalLM), "phi3" (fused) or "gpt2"
 
     def __post_init__(self):
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
-            _check_positive_int(f"ModelSpec.{f}", getattr(self, f))
-        _check_positive_int("ModelSpec.max_positions", self.max_positions)
+        for f, limit in SPEC_LIMITS.items():
+            _check_positive_int(f"ModelSpec.{f}", getattr(self, f), limit)
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"ModelSpec.name must be a non-empty string, got {self.name!r}")
         kv, hd = self.num_kv_heads, self.head_dim
@@ -393,9 +408,7 @@ def _spec_from_transformers(cfg):
             max_positions=cfg.max_position_embeddings,
             naming="phi3" if kind == "phi3" else "llama",
         )
-    raise ValueError(
-        f"config.model_type must be one of {[*LLAMA_FAMILY, 'gpt2']}, got {kind!r}"
-    )
+    raise ValueError(f"config.model_type must be one of {[*LLAMA_FAMILY, 'gpt2']}, got {kind!r}")
 
 
 def _spec_from_gptconfig(cfg):

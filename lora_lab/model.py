@@ -59,8 +59,11 @@ class GPTConfig:
             )
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive number, got {value!r}")
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value) or value <= 0:
+                raise ValueError(
+                    f"GPTConfig.{name} must be a finite positive number, got {value!r}"
+                )
 
     @property
     def head_dim(self):
@@ -211,14 +214,39 @@ class GPT(nn.Module):
 
 
 def _read_config(path):
-    """GPTConfig from a JSON file, refusing unknown or missing fields."""
-    raw = json.loads(Path(path).read_text())
+    """GPTConfig from a JSON file, refusing unknown or missing fields; errors name the file."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
     names = {f.name for f in fields(GPTConfig)}
     if set(raw) != names:
         raise ValueError(
             f"{path}: fields {sorted(set(raw) ^ names)} differ from GPTConfig's {sorted(names)}"
         )
-    return GPTConfig(**raw)
+    try:
+        return GPTConfig(**raw)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _read_weights(path):
+    """The tensors of a safetensors file, all finite; errors name the file."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); it may "
+            "be truncated or another format"
+        ) from None
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
+    return state
 
 
 def save_checkpoint(model, directory):
@@ -250,8 +278,6 @@ def load_pretrained(device=None, directory=None):
 
     Loading is strict: a missing, unexpected or mis-shaped tensor is an error.
     """
-    from safetensors.torch import load_file
-
     from .utils import get_device
 
     directory = CHECKPOINT_DIR if directory is None else Path(directory)
@@ -261,7 +287,10 @@ def load_pretrained(device=None, directory=None):
             raise FileNotFoundError(f"checkpoint file {f} is missing; run scripts/pretrain.py")
     device = get_device() if device is None else torch.device(device)
     model = GPT(_read_config(config_file))
-    model.load_state_dict(load_file(weights), strict=True)
+    try:
+        model.load_state_dict(_read_weights(weights), strict=True)
+    except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
+        raise RuntimeError(f"{weights} does not fit {config_file}: {err}") from None
     return model.to(device).eval()
 
 

@@ -90,6 +90,18 @@ def _task(task):
     return task
 
 
+def _check_not_merged(model):
+    """A merged LoRA layer computes with its base weight alone: its adapter would not train."""
+    from .lora import lora_layers
+
+    merged = [name for name, layer in lora_layers(model).items() if layer.merged]
+    if merged:
+        raise ValueError(
+            f"model has merged LoRA layers ({merged[:3]}{'...' if len(merged) > 3 else ''}): "
+            "their lora_A and lora_B get no gradient while merged; call unmerge() on them first"
+        )
+
+
 def logits_of(model, idx):
     """Logits (B, T, V) of ``model`` on ``idx`` (B, T), whether it returns a tensor or an output."""
     out = model(idx)
@@ -210,6 +222,9 @@ def train(
     if grad_clip is not None:
         _check_number("grad_clip", grad_clip)
     _check_int("seed", seed, minimum=0)
+    if not task.train:
+        raise ValueError(f"task {task.name!r} has an empty train split: nothing to train on")
+    _check_not_merged(model)
     tokenizer = _tokenizer(model, tokenizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -248,35 +263,44 @@ def train(
     )
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    order = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     was_training = model.training
     model.train()
     bar = tqdm(range(steps), desc=f"train {task.name}", disable=not progress)
-    for step in bar:
-        _sync(device)
-        t0 = time.perf_counter()
-        while len(order) < batch_size:  # refill with fresh shuffles of the train split
-            order += torch.randperm(len(examples), generator=gen).tolist()
-        batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
-        x, y = make_batch(batch, device)
-        with autocast:
-            logits = logits_of(model, x)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
-        scaler.scale(loss).backward()  # the identity when the scaler is off
-        if grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if step == 0:  # gradients and optimizer state now all exist: measure them
-            history.memory.update(state_bytes(model, optimizer))
-        optimizer.zero_grad(set_to_none=True)
-        history.loss.append(loss.item())  # .item() waits for the device
-        history.step_time.append(time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{history.loss[-1]:.3f}")
-    model.train(was_training)
+    try:
+        order = []
+        for step in bar:
+            _sync(device)
+            t0 = time.perf_counter()
+            while len(order) < batch_size:  # refill with fresh shuffles of the train split
+                order += torch.randperm(len(examples), generator=gen).tolist()
+            batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
+            x, y = make_batch(batch, device)
+            with autocast:
+                logits = logits_of(model, x)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
+            value = loss.item()  # waits for the device
+            if not math.isfinite(value):  # stop before a non-finite step reaches the weights
+                raise FloatingPointError(
+                    f"the loss is {value} at step {step} (of {steps}): training diverged; the "
+                    "weights are those after the previous step. Lower the learning rate and start "
+                    "again from the weights before this run"
+                )
+            scaler.scale(loss).backward()  # the identity when the scaler is off
+            if grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if step == 0:  # gradients and optimizer state now all exist: measure them
+                history.memory.update(state_bytes(model, optimizer))
+            optimizer.zero_grad(set_to_none=True)
+            history.loss.append(value)
+            history.step_time.append(time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{value:.3f}")
+    finally:
+        model.train(was_training)  # also when a step fails
     history.memory["peak_rss"] = peak_rss_bytes()
     if device.type == "cuda":
         history.memory["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
@@ -302,7 +326,9 @@ def generate(
     """The text ``model`` writes after ``prompt`` (greedy when temperature is 0).
 
     Stops after ``max_new_tokens`` or once the new text contains ``stop`` (None: never),
-    which is kept. A list of prompts gives a list of texts.
+    which is kept. A list of prompts gives a list of texts. A prompt longer than the model's
+    context is an error, as in training; once prompt and new text outgrow the context, the
+    model sees the most recent tokens that fit (a sliding window).
     """
     _check_model(model)
     if isinstance(prompt, (list, tuple)):
@@ -319,23 +345,29 @@ def generate(
     _check_int("seed", seed, minimum=0)
     tokenizer = _tokenizer(model, tokenizer)
     device, context = _device(model), _context_length(model)
+    ids = tokenizer.encode(prompt)  # a bad character fails here, before the model changes
+    if context and len(ids) > context:
+        raise ValueError(
+            f"prompt is {len(ids)} tokens, longer than the model's context of {context}"
+        )
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    ids = tokenizer.encode(prompt)
     new = []
-    for _ in range(max_new_tokens):
-        window = (ids + new)[-context:] if context else ids + new
-        logits = logits_of(model, torch.tensor([window], device=device))[0, -1].float()  # (V,)
-        if temperature == 0:
-            next_id = int(logits.argmax())
-        else:
-            probs = F.softmax(logits / temperature, dim=-1).cpu()
-            next_id = int(torch.multinomial(probs, 1, generator=gen))
-        new.append(next_id)
-        if stop is not None and stop in tokenizer.decode(new):
-            break
-    model.train(was_training)
+    try:
+        for _ in range(max_new_tokens):
+            window = (ids + new)[-context:] if context else ids + new
+            logits = logits_of(model, torch.tensor([window], device=device))[0, -1].float()  # (V,)
+            if temperature == 0:
+                next_id = int(logits.argmax())
+            else:
+                probs = F.softmax(logits / temperature, dim=-1).cpu()
+                next_id = int(torch.multinomial(probs, 1, generator=gen))
+            new.append(next_id)
+            if stop is not None and stop in tokenizer.decode(new):
+                break
+    finally:
+        model.train(was_training)
     return tokenizer.decode(new)
 
 
@@ -353,24 +385,28 @@ def score(model, task, split="test", n=None, tokenizer=None, batch_size=64):
             raise ValueError(f"n={n} is more than the {len(pairs)} pairs in the {split} split")
         pairs = pairs[:n]
     _check_int("batch_size", batch_size)
+    if not pairs:
+        raise ValueError(f"task {task.name!r} has an empty {split} split: nothing to score")
     tokenizer = _tokenizer(model, tokenizer)
     device = _device(model)
     examples = encode_pairs(pairs, tokenizer, _context_length(model))
     was_training = model.training
     model.eval()
     loss_sum, right, tokens, exact = 0.0, 0, 0, 0
-    for start in range(0, len(examples), batch_size):
-        x, y = make_batch(examples[start : start + batch_size], device)
-        logits = logits_of(model, x).float()  # (B, T, V)
-        loss_sum += F.cross_entropy(
-            logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"
-        ).item()
-        target = y != IGNORE  # (B, T)
-        hit = logits.argmax(dim=-1) == y  # (B, T)
-        right += int((hit & target).sum())
-        tokens += int(target.sum())
-        exact += int((hit | ~target).all(dim=1).sum())
-    model.train(was_training)
+    try:
+        for start in range(0, len(examples), batch_size):
+            x, y = make_batch(examples[start : start + batch_size], device)
+            logits = logits_of(model, x).float()  # (B, T, V)
+            loss_sum += F.cross_entropy(
+                logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"
+            ).item()
+            target = y != IGNORE  # (B, T)
+            hit = logits.argmax(dim=-1) == y  # (B, T)
+            right += int((hit & target).sum())
+            tokens += int(target.sum())
+            exact += int((hit | ~target).all(dim=1).sum())
+    finally:
+        model.train(was_training)
     return {"loss": loss_sum / tokens, "char_acc": right / tokens, "exact": exact / len(examples)}
 
 

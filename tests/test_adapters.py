@@ -72,7 +72,9 @@ def test_files_keys_and_config_follow_peft(tmp_path):
         layer.lora_B.weight,
     )
     with safe_open(path / "adapter_model.safetensors", framework="pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        meta = f.metadata()
+    # PEFT's entry, and lora_lab's checksum and base-model fingerprint (PEFT ignores them)
+    assert meta["format"] == "pt" and set(meta) == {"format", "lora_lab_sha256", "lora_lab_base"}
     # the file holds the LoRA weights and nothing else: 4 bytes per trainable float32
     trainable, _ = count_parameters(model)
     header = 8 + int.from_bytes((path / "adapter_model.safetensors").read_bytes()[:8], "little")
@@ -344,14 +346,16 @@ def test_crash_mid_save_keeps_the_old_adapter(tmp_path, monkeypatch):
 
 def test_save_replaces_an_existing_adapter(tmp_path):
     save_adapter(trained_llama(rank=2), tmp_path / "a")
-    (tmp_path / "a" / "README.md").write_text("PEFT writes one of these")
+    (tmp_path / "a" / "README.md").write_text("my notes on this adapter")
     new = trained_llama(rank=4)
     save_adapter(new, tmp_path / "a")
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 4
     assert sorted(os.listdir(tmp_path / "a")) == [
+        "README.md",  # not written by lora_lab, so kept
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
+    assert (tmp_path / "a" / "README.md").read_text() == "my notes on this adapter"
     assert leftovers(tmp_path) == []
     assert torch.equal(logits(load_adapter(tiny_llama(), tmp_path / "a").eval()), logits(new))
 
