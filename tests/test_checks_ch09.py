@@ -22,6 +22,21 @@ def test_rank_for_budget():
     assert not check.rank_for_budget(None).correct
 
 
+def test_rank_for_budget_of_another_model():
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(config)  # Conv1D layers, d = 64, MLP 256 wide
+    per_rank = 2 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))  # all-linear: 2,048
+    budget = 8 * 2 * ((64 + 192) + (64 + 64))  # rank 8 on c_attn and attn.c_proj: 6,144
+    assert budget // per_rank == 3
+    result = check.rank_for_budget(3, budget=budget, model=model)
+    assert result.correct and "2,048" in result.message
+    assert not check.rank_for_budget(2, budget=budget, model=model).correct
+    mlp = ["mlp.c_fc", "mlp.c_proj"]  # 2 x (320 + 320) = 1,280 per rank
+    assert check.rank_for_budget(4, budget=budget, targets=mlp, model=model).correct
+
+
 def test_rslora_ratio():
     assert check.rslora_ratio(8).correct
     assert check.rslora_ratio(8.0).correct
