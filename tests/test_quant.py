@@ -131,15 +131,31 @@ def test_nf4_dequantize_equals_bitsandbytes_on_weight_shapes(shape, blocksize):
     assert torch.equal(quantize_nf4(w, blocksize).dequantize(), theirs)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="bitsandbytes 0.50's CPU dequantize_4bit kernel scales some rows of a 2-D tensor "
-    "with the wrong block's absmax when blocks straddle rows (seen on an AVX512 CPU)",
-)
-def test_bitsandbytes_2d_kernel_when_blocks_straddle_rows():
-    w = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
-    _, _, theirs = bnb_roundtrip(w, 64)
-    assert torch.equal(quantize_nf4(w, 64).dequantize(), theirs)
+@pytest.mark.parametrize("shape", [(4, 32), (5, 96), (3, 100)])
+def test_bitsandbytes_2d_kernel_when_blocks_straddle_rows(shape):
+    """Rows that are not whole blocks: what holds on every CPU, and what depends on the machine.
+
+    Quantizing is the same everywhere, and so is bitsandbytes' kernel on the flat codes. Its
+    CPU kernel for a 2-D tensor depends on the build and the CPU: 0.50.2 on an AVX512 CPU
+    scales some values (for some row lengths) with another block's absmax, on other machines
+    it is exact. Either outcome passes; the test prints which one ran, and checks that a wrong
+    value is only ever that: its own code's level, times some block's absmax.
+    """
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    ours = quantize_nf4(w, 64)
+    packed, state, theirs = bnb_roundtrip(w, 64)
+    assert torch.equal(ours.packed, packed) and torch.equal(ours.absmax, state.absmax)
+    deq = ours.dequantize()
+    assert torch.equal(deq.reshape(-1), bnb_roundtrip(w.reshape(-1), 64)[2])  # flat: exact
+
+    wrong = deq != theirs
+    outcome = f"wrong in {int(wrong.sum())} of {w.numel()} values" if wrong.any() else "exact"
+    cpu = torch.backends.cpu.get_cpu_capability()
+    print(f"bitsandbytes' 2-D CPU kernel on {shape} ({cpu}): {outcome}")
+    assert not wrong[0].any()  # the first row starts the first block either way
+    levels = ours.codebook[ours.codes.long()].view(shape)  # each value's level, from our codes
+    some_block = (levels[..., None] * ours.absmax == theirs[..., None]).any(-1)  # (rows, cols)
+    assert some_block.all()  # every value is its own level times some block's absmax
 
 
 def test_dequantize_is_codebook_times_absmax():
