@@ -269,6 +269,10 @@ class ModelSpec:
         _check_positive_int("rank", rank)
         return sum(rank * (fin + fout) for _, fin, fout in self._lora_targets(target_modules))
 
+    def max_rank(self, target_modules=None):
+        """The largest LoRA rank every targeted layer allows: the least min(in, out) among them."""
+        return min(min(fin, fout) for _, fin, fout in self._lora_targets(target_modules))
+
     def _lora_targets(self, target_modules):
         """(full name, in, out) of every targeted linear layer, checked against the names."""
         targets = _check_targets(target_modules, self)

@@ -193,6 +193,10 @@ class GPT(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def get_output_embeddings(self):
+        """The output head, as transformers models name it (PEFT's "all-linear" skips it)."""
+        return self.lm_head
+
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

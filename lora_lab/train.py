@@ -136,7 +136,8 @@ def make_batch(examples, device):
     return x.to(device), y.to(device)
 
 
-def _sync(device):
+def sync(device):
+    """Wait for the work queued on ``device`` (CUDA, MPS), so a clock reading covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -271,7 +272,7 @@ def train(
     try:
         order = []
         for step in bar:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             while len(order) < batch_size:  # refill with fresh shuffles of the train split
                 order += torch.randperm(len(examples), generator=gen).tolist()
