@@ -125,15 +125,23 @@ def finetune(
     """Train a copy of ``base`` on ``task`` and score it; ``base`` itself is left untouched.
 
     ``lora`` is a dict of ``apply_lora`` arguments (e.g. ``{"rank": 8, "alpha": 16}``) for a
-    LoRA run, or None to fine-tune every parameter. Returns a :class:`Run`.
+    LoRA run, or None to fine-tune every parameter. Full fine-tuning of a 16-bit ``base``
+    trains a float32 copy (master weights) with the matmuls in the base's 16-bit type
+    (``train``'s ``autocast_dtype``), and scores it the same way; LoRA keeps the 16-bit base
+    and float32 adapters. Returns a :class:`Run`.
     """
     _check_model(base)
     task = _task(task)
     if lora is not None and not isinstance(lora, dict):
         raise TypeError(f"lora must be a dict of apply_lora arguments or None, got {lora!r}")
+    half = {p.dtype for p in base.parameters()} & {torch.float16, torch.bfloat16}
+    autocast_dtype = None
     model = copy.deepcopy(base)
     set_seed(seed)  # lora_A's random init
     if lora is None:
+        if half:
+            autocast_dtype = max(half, key=str)  # the base's 16-bit type (one, in practice)
+            model = model.float()
         model.requires_grad_(True)
     else:
         apply_lora(model, **lora)
@@ -141,8 +149,11 @@ def finetune(
     release_free_memory()
     reset = reset_peak_rss()
     before = current_rss()
-    history = train(model, task, steps, lr, batch_size, tokenizer, seed=seed, progress=progress)
-    scores = score(model, task, tokenizer=tokenizer)
+    history = train(model, task, steps, lr, batch_size, tokenizer, seed=seed, progress=progress,
+                    autocast_dtype=autocast_dtype)  # fmt: skip
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        scores = score(model, task, tokenizer=tokenizer)
     return Run(
         task=task.name,
         lora=None if lora is None else dict(lora),
