@@ -19,7 +19,6 @@ def set_seed(seed=0):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA and MPS generators
-    return seed
 
 
 def get_device(prefer=None):

@@ -1,4 +1,4 @@
-"""lora_lab makes torch's idle OpenMP threads sleep, not spin (see benchmarks/busy_machine.py)."""
+"""lora_lab.utils and the package set-up: OpenMP threads that sleep, seeding without output."""
 
 import os
 import subprocess
@@ -32,3 +32,14 @@ def test_passive_is_set_before_torch_loads():
 
 def test_an_explicit_setting_wins():
     assert run("ACTIVE") == ["ACTIVE", "ACTIVE"]
+
+
+def test_set_seed_returns_nothing_so_a_chapter_shows_no_stray_output():
+    import torch
+
+    from lora_lab import set_seed
+
+    assert set_seed(3) is None
+    first = torch.rand(2)
+    set_seed(3)
+    assert torch.equal(torch.rand(2), first)
