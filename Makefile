@@ -37,7 +37,7 @@ export PYTHONHASHSEED := 0
 # sets the same when it is imported first; see benchmarks/busy_machine.py)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup book test unit notebooks lint clean
+.PHONY: setup book test unit alltests notebooks lint clean
 
 setup: $(STAMP)
 
@@ -66,15 +66,22 @@ book: setup
 
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
+# the quick loop: every test but the slow ones (chapters on other models, subprocess crashes,
+# the GPU script's CPU path) and the browser
 unit: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not slow and not browser" --durations=10
+
+# everything CI runs
+alltests: setup
+	$(PY) -m pytest tests --durations=15
 
 notebooks: setup
 	$(PY) -m pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg \
-		--nbval-cell-timeout=300 -p no:cacheprovider notebooks
+		--nbval-cell-timeout=120 -p no:cacheprovider notebooks
 
-test: lint unit notebooks
+test: lint alltests notebooks
 
 clean:
 	rm -rf _build _vendor/mathjax

@@ -18,7 +18,9 @@ def _execution_mode(app, config):
     if value in ("", "0"):
         return
     if value != "1":
-        raise ValueError(f"{EXECUTE_VAR}={value!r}: use 1 (execute, cached) or 0 (committed outputs)")
+        raise ValueError(
+            f"{EXECUTE_VAR}={value!r}: use 1 (execute, cached) or 0 (committed outputs)"
+        )
     # read by myst-nb at builder-inited, after this
     config.nb_execution_mode = "cache"
 

@@ -41,7 +41,9 @@ def repository():
     repo = config.get("repository") or {}
     url, branch = repo.get("url"), repo.get("branch", "main")
     if not url or not url.startswith("https://github.com/"):
-        raise SystemExit(f"_config.yml: repository.url must be a https://github.com/ URL, got {url!r}")
+        raise SystemExit(
+            f"_config.yml: repository.url must be a https://github.com/ URL, got {url!r}"
+        )
     return url.rstrip("/"), branch
 
 
@@ -109,7 +111,11 @@ def update(notebook, url, branch):
     fresh = []
     for cell in standard_cells(url, branch, notebook):
         old = existing.get(_tag(cell))
-        if old is not None and _source(old) == cell["source"] and old["metadata"].get("tags") == cell["metadata"]["tags"]:
+        if (
+            old is not None
+            and _source(old) == cell["source"]
+            and old["metadata"].get("tags") == cell["metadata"]["tags"]
+        ):
             fresh.append(old)  # unchanged: keep its id and outputs
         else:
             fresh.append(cell)

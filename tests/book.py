@@ -73,8 +73,14 @@ class BuildError(RuntimeError):
 def build_command(output=ROOT):
     """The jupyter-book command line that builds the HTML book into ``output``/_build/html."""
     return [
-        str(Path(sys.executable).with_name("jupyter-book")), "build", str(ROOT),
-        "--path-output", str(output), "-W", "-n", "--keep-going",
+        str(Path(sys.executable).with_name("jupyter-book")),
+        "build",
+        str(ROOT),
+        "--path-output",
+        str(output),
+        "-W",
+        "-n",
+        "--keep-going",
     ]
 
 
@@ -88,7 +94,9 @@ def build(output=ROOT, execute=False, capture=True):
 
     vendor_mathjax.main()
     env = {**os.environ, EXECUTE_VAR: "1" if execute else "0"}
-    run = subprocess.run(build_command(output), cwd=ROOT, env=env, capture_output=capture, text=True)
+    run = subprocess.run(
+        build_command(output), cwd=ROOT, env=env, capture_output=capture, text=True
+    )
     if run.returncode != 0:
         detail = f":\n{run.stdout[-6000:]}\n{run.stderr[-4000:]}" if capture else ""
         raise BuildError(f"jupyter-book build failed (exit {run.returncode}){detail}")
@@ -214,12 +222,18 @@ def page_problems(page, expect_title, colab=None, own_errors=()):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tests.book", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.book", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("command", choices=["build"])
-    parser.add_argument("--execute", action="store_true",
-                        help="execute the notebooks (cached) instead of showing their committed outputs")
-    parser.add_argument("--output", type=Path, default=ROOT,
-                        help="folder to hold _build/ (default: the repository)")
+    parser.add_argument(
+        "--execute",
+        action="store_true",
+        help="execute the notebooks (cached) instead of showing their committed outputs",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=ROOT, help="folder to hold _build/ (default: the repository)"
+    )
     args = parser.parse_args(argv)
     try:
         html = build(args.output.resolve(), execute=args.execute, capture=False)

@@ -125,10 +125,14 @@ def test_checks_catch_a_missing_figure(browser, site):
             document.querySelector('main').appendChild(img);
         })"""
     )
-    problems = book.page_problems(page, expect_title=book.source_title(chapter), own_errors=visit.errors)
+    problems = book.page_problems(
+        page, expect_title=book.source_title(chapter), own_errors=visit.errors
+    )
     visit.close()
     assert any("this-figure-does-not-exist.png" in p for p in problems), problems
-    assert any("404" in e for e in visit.errors), f"the 404 was not seen as a console error: {visit.errors}"
+    assert any("404" in e for e in visit.errors), (
+        f"the 404 was not seen as a console error: {visit.errors}"
+    )
 
 
 def test_execute_switch(monkeypatch):

@@ -63,8 +63,9 @@ def test_exercise_layer_is_fixed_and_nonzero():
 
 def test_merged_weight():
     layer = check.exercise_layer()
-    W, A, B = (p.detach() for p in (layer.base_layer.weight, layer.lora_A.weight,
-                                    layer.lora_B.weight))
+    W, A, B = (
+        p.detach() for p in (layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight)
+    )
     by_hand = torch.empty_like(W)
     for i in range(W.shape[0]):
         for j in range(W.shape[1]):
@@ -77,12 +78,14 @@ def test_merged_weight():
     assert not check.merged_weight(None).correct
 
 
-@pytest.mark.parametrize("slip, says", [("no scaling", "without the scaling"),
-                                        ("base", "base weight unchanged")])
+@pytest.mark.parametrize(
+    "slip, says", [("no scaling", "without the scaling"), ("base", "base weight unchanged")]
+)
 def test_merged_weight_names_the_slip(slip, says):
     layer = check.exercise_layer()
-    W, A, B = (p.detach() for p in (layer.base_layer.weight, layer.lora_A.weight,
-                                    layer.lora_B.weight))
+    W, A, B = (
+        p.detach() for p in (layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight)
+    )
     answer = W + B @ A if slip == "no scaling" else W.clone()
     result = check.merged_weight(answer)
     assert not result.correct and says in result.message

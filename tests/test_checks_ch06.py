@@ -24,12 +24,15 @@ def test_dq_bits_right_answers():
     assert not check.dq_bits(4.0317, blocksize=256).correct  # rounded too far
 
 
-@pytest.mark.parametrize("answer, says", [
-    (4.25, "float32"),  # 4 + 32/128: no double quantization
-    (4.0625, "leaves out"),  # 4 + 8/128: no second-level scale
-    (4.126953125, "blocks of 64"),
-    (4.1875, "shared by 256"),  # 4 + 8/128 + 32/256
-])
+@pytest.mark.parametrize(
+    "answer, says",
+    [
+        (4.25, "float32"),  # 4 + 32/128: no double quantization
+        (4.0625, "leaves out"),  # 4 + 8/128: no second-level scale
+        (4.126953125, "blocks of 64"),
+        (4.1875, "shared by 256"),  # 4 + 8/128 + 32/256
+    ],
+)
 def test_dq_bits_names_the_slip(answer, says):
     result = check.dq_bits(answer)
     assert not result.correct and says in result.message
@@ -74,8 +77,9 @@ def test_nf4_block_right_answer():
     assert check.nf4_block(_by_hand(block, nf4_codebook()).double()).correct
 
 
-@pytest.mark.parametrize("slip, says", [("levels", "multiply each"), ("scaled", "before rounding"),
-                                        ("int4", "int4")])
+@pytest.mark.parametrize(
+    "slip, says", [("levels", "multiply each"), ("scaled", "before rounding"), ("int4", "int4")]
+)
 def test_nf4_block_names_the_slip(slip, says):
     block = check.exercise_block()
     absmax = block.abs().max()
@@ -126,15 +130,18 @@ def test_normal_float_codebook_gives_nf4():
     assert math.isclose(check.normal_float_codebook(3)[5].item(), _nf3_by_hand()[5].item())
 
 
-@pytest.mark.parametrize("slip, says", [("unsorted", "sorted"), ("unnormalized", "divide them"),
-                                        ("symmetric", "exact zero")])
+@pytest.mark.parametrize(
+    "slip, says",
+    [("unsorted", "sorted"), ("unnormalized", "divide them"), ("symmetric", "exact zero")],
+)
 def test_nf3_codebook_names_the_slip(slip, says):
     nf3 = _nf3_by_hand()
     if slip == "unsorted":
         answer = nf3.flip(0)
     elif slip == "unnormalized":
-        answer = nf3 * torch.special.ndtri(torch.tensor(1 - (1 / 14 + 1 / 16) / 2,
-                                                        dtype=torch.float64))
+        answer = nf3 * torch.special.ndtri(
+            torch.tensor(1 - (1 / 14 + 1 / 16) / 2, dtype=torch.float64)
+        )
     else:  # 8 quantiles, 4 a side, no zero
         p = torch.linspace(1 - (1 / 14 + 1 / 16) / 2, 0.5, 5, dtype=torch.float64)[:-1]
         q = torch.special.ndtri(p)

@@ -24,11 +24,14 @@ def test_chance_overlap():
     assert not result.correct and "No answer yet" in result.message
 
 
-@pytest.mark.parametrize("answer, says", [
-    (8 * 64 / 11008, "divides it by min"),
-    (8 / 11008, "larger one stays"),
-    (64 / 4096, "input space"),
-])
+@pytest.mark.parametrize(
+    "answer, says",
+    [
+        (8 * 64 / 11008, "divides it by min"),
+        (8 / 11008, "larger one stays"),
+        (64 / 4096, "input space"),
+    ],
+)
 def test_chance_overlap_names_the_slip(answer, says):
     result = check.chance_overlap(answer)
     assert not result.correct and says in result.message
@@ -64,11 +67,14 @@ def test_init_bound():
     assert not check.init_bound([0.05]).correct
 
 
-@pytest.mark.parametrize("answer, says", [
-    (1 / math.sqrt(128), "n_embd"),
-    (math.sqrt(6 / 352), "He's bound"),
-    (1 / math.sqrt(3 * 352), "standard deviation"),
-])
+@pytest.mark.parametrize(
+    "answer, says",
+    [
+        (1 / math.sqrt(128), "n_embd"),
+        (math.sqrt(6 / 352), "He's bound"),
+        (1 / math.sqrt(3 * 352), "standard deviation"),
+    ],
+)
 def test_init_bound_names_the_slip(answer, says):
     result = check.init_bound(answer)
     assert not result.correct and says in result.message

@@ -225,7 +225,9 @@ def test_dtypes_and_devices_follow_the_base():
     with pytest.raises(TypeError, match="adapter_dtype must be None or a floating"):
         LoRALinear(nn.Linear(4, 4), rank=2, adapter_dtype=torch.int8)
     with pytest.raises(TypeError, match="adapter_dtype must be None or a floating"):
-        apply_lora(nn.Sequential(nn.Linear(4, 4)), rank=2, target_modules=["0"], adapter_dtype="fp32")
+        apply_lora(
+            nn.Sequential(nn.Linear(4, 4)), rank=2, target_modules=["0"], adapter_dtype="fp32"
+        )
     base = nn.Linear(16, 8, dtype=torch.float64)
     layer = LoRALinear(base, rank=2, alpha=4)
     randomize_lora(layer)
@@ -449,7 +451,9 @@ def test_bad_dropout(dropout):
 def test_bad_use_rslora_and_base():
     with pytest.raises(TypeError, match="use_rslora must be True or False, got 'yes'"):
         LoRALinear(nn.Linear(8, 8), rank=2, use_rslora="yes")
-    with pytest.raises(TypeError, match="base must be a torch.nn.Linear or a transformers Conv1D, got Conv1d"):
+    with pytest.raises(
+        TypeError, match="base must be a torch.nn.Linear or a transformers Conv1D, got Conv1d"
+    ):
         LoRALinear(nn.Conv1d(4, 4, 1), rank=2)
     with pytest.raises(TypeError, match="already a LoRALinear"):
         LoRALinear(LoRALinear(nn.Linear(8, 8), rank=2), rank=2)

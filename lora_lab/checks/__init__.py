@@ -39,7 +39,10 @@ def check_number(answer, expected, *, what, why, rel_tol=1e-6, hint=""):
         return unanswered(hint or why)
     if isinstance(answer, torch.Tensor):
         if answer.numel() != 1:
-            return Result(False, f"{what} should be a single number, got a tensor of shape {tuple(answer.shape)}.")
+            return Result(
+                False,
+                f"{what} should be a single number, got a tensor of shape {tuple(answer.shape)}.",
+            )
         answer = answer.item()
     if isinstance(answer, bool) or not isinstance(answer, (int, float)):
         return Result(False, f"{what} should be a number, got {type(answer).__name__} {answer!r}.")
@@ -55,8 +58,13 @@ def check_tensor(answer, expected, *, what, why, atol=1e-5, hint=""):
     if not isinstance(answer, torch.Tensor):
         return Result(False, f"{what} should be a torch.Tensor, got {type(answer).__name__}.")
     if answer.shape != expected.shape:
-        return Result(False, f"{what} should have shape {tuple(expected.shape)}, got {tuple(answer.shape)}. {hint}")
+        return Result(
+            False,
+            f"{what} should have shape {tuple(expected.shape)}, got {tuple(answer.shape)}. {hint}",
+        )
     err = (answer.detach().double().cpu() - expected.detach().double().cpu()).abs().max().item()
     if err <= atol:
         return Result(True, f"{what} matches (largest difference {err:.1e}). {why}")
-    return Result(False, f"{what} has the right shape but differs by up to {err:.3g}. {hint or why}")
+    return Result(
+        False, f"{what} has the right shape but differs by up to {err:.3g}. {hint or why}"
+    )

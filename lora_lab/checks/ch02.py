@@ -9,7 +9,9 @@ from lora_lab.lowrank import energy_captured, sample_image
 def lora_params(answer, d_out=11008, d_in=4096, r=16):
     """Exercise 1: numbers LoRA of rank ``r`` trains for a ``d_out x d_in`` weight."""
     return check_number(
-        answer, r * (d_in + d_out), what=f"LoRA parameters for a {d_out}x{d_in} weight at rank {r}",
+        answer,
+        r * (d_in + d_out),
+        what=f"LoRA parameters for a {d_out}x{d_in} weight at rank {r}",
         why=f"B is {d_out}x{r} and A is {r}x{d_in}, so r*(d_in + d_out) numbers, "
         f"against {d_out * d_in:,} for the full matrix.",
         hint="count the entries of B (d_out x r) and of A (r x d_in); the matrix need not be square.",
@@ -26,7 +28,10 @@ def rank1_error(answer):
     S = torch.linalg.svdvals(exercise_matrix())
     expected = S[1:].square().sum().sqrt().item()
     return check_number(
-        answer, expected, what="the rank-1 Frobenius error", rel_tol=1e-6,
+        answer,
+        expected,
+        what="the rank-1 Frobenius error",
+        rel_tol=1e-6,
         why="Eckart-Young: the error is the root of the sum of the squared singular values left out.",
         hint="take torch.linalg.svdvals of the matrix and combine every value after the first.",
     )
@@ -35,14 +40,19 @@ def rank1_error(answer):
 def rank_for_energy(answer, share=0.9):
     """Exercise 3: the smallest rank whose approximation of the photo keeps ``share`` of its energy."""
     if answer is None:
-        return unanswered("compute the singular values of sample_image() and find where the "
-                          "running share of sum(S**2) first reaches the target.")
+        return unanswered(
+            "compute the singular values of sample_image() and find where the "
+            "running share of sum(S**2) first reaches the target."
+        )
     S = torch.linalg.svdvals(sample_image().double())
     expected = next(r for r in range(1, S.numel() + 1) if energy_captured(S, r) >= share)
     if isinstance(answer, bool) or not isinstance(answer, int):
         return Result(False, f"the rank should be an int, got {type(answer).__name__} {answer!r}.")
     if answer == expected:
-        return Result(True, f"rank {expected} is the first to keep {share:.0%} of the energy, "
-                            f"out of {S.numel()} possible.")
+        return Result(
+            True,
+            f"rank {expected} is the first to keep {share:.0%} of the energy, "
+            f"out of {S.numel()} possible.",
+        )
     side = "keeps less than" if answer < expected else "is not the smallest to reach"
     return Result(False, f"rank {answer} {side} {share:.0%} of the energy.")

@@ -24,7 +24,9 @@ def lesson_trainable(answer, in_features=1024, out_features=4096, rank=16):
     if number and answer == expected + in_features * out_features:
         return Result(False, "that counts the base weight too, but the lesson does freeze it.")
     return check_number(
-        answer, expected, what=f"the lesson's trainable count at rank {rank}",
+        answer,
+        expected,
+        what=f"the lesson's trainable count at rank {rank}",
         why=f"A ({in_features}x{rank}) and B ({rank}x{out_features}) give {factors:,}, and the "
         f"unfrozen bias adds {out_features:,}.",
         hint="count A (in x r), B (r x out), then ask which of the base layer's two parameters "
@@ -37,8 +39,10 @@ def norm_ratio(answer, r_from=4, r_to=64, rule="standard"):
     if rule not in _RULES:
         raise ValueError(f"rule must be one of {_RULES}, got {rule!r}")
     if answer is None:
-        return unanswered("||B A||_F grows like sqrt(r) when A and B keep their distributions; "
-                          "multiply by the scaling rule and take the ratio.")
+        return unanswered(
+            "||B A||_F grows like sqrt(r) when A and B keep their distributions; "
+            "multiply by the scaling rule and take the ratio."
+        )
     grows = math.sqrt(r_to / r_from)  # ||B A||_F ratio
     expected = grows / (r_to / r_from) if rule == "standard" else 1.0
     slips = [  # first match wins
@@ -51,7 +55,9 @@ def norm_ratio(answer, r_from=4, r_to=64, rule="standard"):
         if number and value != expected and math.isclose(answer, value, rel_tol=1e-3):
             return Result(False, f"{answer:g} is not it: {why}")
     return check_number(
-        answer, expected, what=f"the {rule} rule's norm ratio, rank {r_to} over rank {r_from}",
+        answer,
+        expected,
+        what=f"the {rule} rule's norm ratio, rank {r_to} over rank {r_from}",
         rel_tol=1e-3,
         why="alpha/r makes the update shrink like 1/sqrt(r); rsLoRA's alpha/sqrt(r) cancels the "
         "sqrt(r) growth of B A, so its size does not depend on the rank.",
@@ -80,12 +86,16 @@ def merged_weight(answer):
     if isinstance(answer, torch.Tensor) and answer.shape == expected.shape:
         answer64 = answer.detach().double().cpu()
         if torch.allclose(answer64, W + B @ A, atol=1e-5):
-            return Result(False, f"you added B @ A without the scaling alpha/r = "
-                                 f"{layer.scaling:g}.")
+            return Result(
+                False, f"you added B @ A without the scaling alpha/r = {layer.scaling:g}."
+            )
         if torch.allclose(answer64, W, atol=1e-5):
             return Result(False, "that is the base weight unchanged; add the update.")
     return check_tensor(
-        answer, expected, what="the merged weight", atol=1e-5,
+        answer,
+        expected,
+        what="the merged weight",
+        atol=1e-5,
         why="merging adds scaling * B @ A, an (out, in) matrix, to W.",
         hint="lora_B.weight is (out, r) and lora_A.weight is (r, in): multiply them in the order "
         "that gives (out, in), then scale.",

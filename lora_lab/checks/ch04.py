@@ -10,7 +10,13 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 # Phi3ForCausalLM's linear layers in one block (fused q/k/v and fused gate/up), and its head
 PHI3_BLOCK = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 PHI3_LAYERS = 32  # Phi-3-mini
-RULE_OPTIONS = {"a": ["o_proj"], "b": ["v_proj"], "c": ["up_proj"], "d": ["down_proj"], "e": ["proj"]}
+RULE_OPTIONS = {
+    "a": ["o_proj"],
+    "b": ["v_proj"],
+    "c": ["up_proj"],
+    "d": ["down_proj"],
+    "e": ["proj"],
+}
 
 
 def mistral_attention_lora(answer, rank=16):
@@ -24,14 +30,21 @@ def mistral_attention_lora(answer, rank=16):
     number = isinstance(answer, (int, float)) and not isinstance(answer, bool)
     if number and answer == no_gqa:
         kv = spec.kv_heads * spec.dim_per_head
-        return Result(False, f"that treats k_proj and v_proj as {d}x{d}; with grouped-query "
-                             f"attention they are {kv}x{d}.")
+        return Result(
+            False,
+            f"that treats k_proj and v_proj as {d}x{d}; with grouped-query "
+            f"attention they are {kv}x{d}.",
+        )
     if number and answer * layers == expected:
         return Result(False, f"that is one block; the model has {layers}.")
-    why = (f"q and o add r(d + d) each, k and v only r(d + {spec.kv_heads * spec.dim_per_head}) "
-           f"each, in each of {layers} blocks.")
-    hint = ("per block: r * (4096 + 4096) for q_proj and o_proj, r * (4096 + 1024) for k_proj "
-            "and v_proj; then times the number of blocks.")
+    why = (
+        f"q and o add r(d + d) each, k and v only r(d + {spec.kv_heads * spec.dim_per_head}) "
+        f"each, in each of {layers} blocks."
+    )
+    hint = (
+        "per block: r * (4096 + 4096) for q_proj and o_proj, r * (4096 + 1024) for k_proj "
+        "and v_proj; then times the number of blocks."
+    )
     if number and answer == expected:
         return Result(True, f"{expected:,} parameters. {why}")
     if number:
@@ -51,8 +64,10 @@ def mlp_share(answer, rank=8):
     from lora_lab.lora import apply_lora, count_parameters
 
     if answer is None:
-        return unanswered("wrap a copy with target_modules=['gate_proj', 'up_proj', "
-                          "'down_proj'] and divide count_parameters' two numbers.")
+        return unanswered(
+            "wrap a copy with target_modules=['gate_proj', 'up_proj', "
+            "'down_proj'] and divide count_parameters' two numbers."
+        )
     model = apply_lora(copy.deepcopy(shipped_model()), rank=rank, target_modules=list(MLP))
     trainable, total = count_parameters(model)
     expected = trainable / total
@@ -60,10 +75,16 @@ def mlp_share(answer, rank=8):
     if number and abs(answer - 100 * expected) < 1e-3 * 100 * expected:
         return Result(False, f"that is a percentage; give the fraction, {expected:.4f}.")
     if number and abs(answer - trainable / (total - trainable)) < 1e-6:
-        return Result(False, "that divides by the base model's parameters alone; include the "
-                             "adapters in the total, as count_parameters does.")
+        return Result(
+            False,
+            "that divides by the base model's parameters alone; include the "
+            "adapters in the total, as count_parameters does.",
+        )
     return check_number(
-        answer, expected, what=f"the MLP-only trainable share at rank {rank}", rel_tol=1e-3,
+        answer,
+        expected,
+        what=f"the MLP-only trainable share at rank {rank}",
+        rel_tol=1e-3,
         why=f"{trainable:,} of {total:,} parameters: each block adds r(d + d_ff) for each of "
         "its three MLP layers.",
     )
@@ -83,20 +104,29 @@ def _selects(rule, targets):
 def rules_differ(answer):
     """Exercise 3: which of RULE_OPTIONS the substring and suffix rules treat differently."""
     if answer is None:
-        return unanswered("for each list, ask which Phi-3 layer names contain the string and "
-                          "which end with '.' + the string.")
+        return unanswered(
+            "for each list, ask which Phi-3 layer names contain the string and "
+            "which end with '.' + the string."
+        )
     listed = isinstance(answer, (list, tuple, set))
     if not listed or not all(isinstance(a, str) for a in answer):
         return Result(False, f"answer with a list of letters such as ['a', 'c'], got {answer!r}.")
     given = {a.strip().lower() for a in answer}
     unknown = given - set(RULE_OPTIONS)
     if unknown:
-        return Result(False, f"the options are {sorted(RULE_OPTIONS)}; {sorted(unknown)} is not one.")
-    expected = {k for k, t in RULE_OPTIONS.items() if _selects("substring", t) != _selects("suffix", t)}
+        return Result(
+            False, f"the options are {sorted(RULE_OPTIONS)}; {sorted(unknown)} is not one."
+        )
+    expected = {
+        k for k, t in RULE_OPTIONS.items() if _selects("substring", t) != _selects("suffix", t)
+    }
     if given == expected:
-        return Result(True, f"{sorted(expected)}: 'v_proj' and 'up_proj' sit inside the fused "
-                            "'qkv_proj' and 'gate_up_proj', and 'proj' is inside every name but "
-                            "ends none after a dot.")
+        return Result(
+            True,
+            f"{sorted(expected)}: 'v_proj' and 'up_proj' sit inside the fused "
+            "'qkv_proj' and 'gate_up_proj', and 'proj' is inside every name but "
+            "ends none after a dot.",
+        )
     missed, extra = sorted(expected - given), sorted(given - expected)
     why = []
     if missed:

@@ -46,8 +46,10 @@ def optimizer_bytes(answer, rank=16, target_modules=ATTENTION):
     from lora_lab.lora import apply_lora
 
     if answer is None:
-        return unanswered("count the trainable parameters at this rank; AdamW keeps two numbers "
-                          "per parameter (exp_avg, exp_avg_sq) plus one step counter per tensor.")
+        return unanswered(
+            "count the trainable parameters at this rank; AdamW keeps two numbers "
+            "per parameter (exp_avg, exp_avg_sq) plus one step counter per tensor."
+        )
     model = apply_lora(copy.deepcopy(_shipped()), rank=rank, target_modules=list(target_modules))
     trainable = [p for p in model.parameters() if p.requires_grad]
     moments = sum(2 * p.numel() * p.element_size() for p in trainable)
@@ -55,8 +57,11 @@ def optimizer_bytes(answer, rank=16, target_modules=ATTENTION):
     expected = moments + steps
     full = sum(2 * p.numel() * p.element_size() for p in model.parameters())
     slips = [
-        (moments, f"that is exp_avg and exp_avg_sq. AdamW also keeps a step counter per tensor: "
-                  f"{len(trainable)} tensors x {_adamw_step_bytes()} bytes."),
+        (
+            moments,
+            f"that is exp_avg and exp_avg_sq. AdamW also keeps a step counter per tensor: "
+            f"{len(trainable)} tensors x {_adamw_step_bytes()} bytes.",
+        ),
         (moments / 2 + steps, "AdamW keeps two moments per parameter, not one."),
         (moments / 2, "AdamW keeps two moments per parameter, plus a step counter per tensor."),
         (full, "the optimizer only holds the trainable parameters (the LoRA factors)."),
@@ -65,48 +70,67 @@ def optimizer_bytes(answer, rank=16, target_modules=ATTENTION):
     if why:
         return Result(False, f"{answer:,.0f} bytes is not it: {why}")
     return check_number(
-        answer, expected, what=f"the optimizer state at rank {rank}", rel_tol=1e-9,
+        answer,
+        expected,
+        what=f"the optimizer state at rank {rank}",
+        rel_tol=1e-9,
         why=f"{sum(p.numel() for p in trainable):,} trainable numbers x 2 moments x 4 bytes, "
-            f"plus {len(trainable)} step counters of {_adamw_step_bytes()} bytes.",
+        f"plus {len(trainable)} step counters of {_adamw_step_bytes()} bytes.",
         hint="each wrapped layer trains A (r x in) and B (out x r); count_parameters gives the "
-             "total. Then 2 float32 moments per number and one float32 step per tensor.",
+        "total. Then 2 float32 moments per number and one float32 step per tensor.",
     )
 
 
 def lora_flop_ratio(answer, d=4096, r=8):
     """Exercise 2: matmul FLOPs of a LoRA training step over a full one, one d x d layer."""
     if answer is None:
-        return unanswered("per token, forward W x costs 2d^2; backward costs 2d^2 for the input "
-                          "gradient and 2d^2 for the weight gradient; add A's and B's matmuls.")
+        return unanswered(
+            "per token, forward W x costs 2d^2; backward costs 2d^2 for the input "
+            "gradient and 2d^2 for the weight gradient; add A's and B's matmuls."
+        )
     full = 6 * d * d
     lora = 4 * d * d + 12 * d * r  # forward 2d^2 + 4dr, backward 2d^2 + 8dr
     expected = lora / full
     slips = [
-        (2 / 3, "that leaves out the LoRA factors' own matmuls: A and B each cost 2dr forward "
-                "and 4dr backward (an input gradient and a weight gradient)."),
+        (
+            2 / 3,
+            "that leaves out the LoRA factors' own matmuls: A and B each cost 2dr forward "
+            "and 4dr backward (an input gradient and a weight gradient).",
+        ),
         (1 - expected, "that is the share LoRA saves; the question asks for LoRA over full."),
-        (1 / 3, "that is the share the frozen weight gradient would save; the question asks for "
-                "LoRA over full, with the LoRA matmuls counted."),
-        ((2 * d * d + 4 * d * r) / (2 * d * d), "that is the forward pass alone, which LoRA "
-                                                "makes a little dearer; count the backward too."),
+        (
+            1 / 3,
+            "that is the share the frozen weight gradient would save; the question asks for "
+            "LoRA over full, with the LoRA matmuls counted.",
+        ),
+        (
+            (2 * d * d + 4 * d * r) / (2 * d * d),
+            "that is the forward pass alone, which LoRA "
+            "makes a little dearer; count the backward too.",
+        ),
     ]
     why = _slip(answer, slips, expected, rel_tol=1e-4)
     if why:
         return Result(False, f"{answer:.6g} is not it: {why}")
     return check_number(
-        answer, expected, what=f"the FLOP ratio at d={d}, r={r}", rel_tol=1e-4,
+        answer,
+        expected,
+        what=f"the FLOP ratio at d={d}, r={r}",
+        rel_tol=1e-4,
         why="(4d^2 + 12dr) / 6d^2 = 2/3 + 2r/d: the frozen weight gradient is skipped, but the "
-            "forward pass and the input gradient are not, so at best a third is saved.",
+        "forward pass and the input gradient are not, so at best a third is saved.",
         hint="full: 6d^2 per token. LoRA: forward 2d^2 + 4dr, backward 2d^2 (input gradient "
-             "through W) + 8dr (weight and input gradients of A and B).",
+        "through W) + 8dr (weight and input gradients of A and B).",
     )
 
 
 def full_step_flops(answer, batch_size=16, seq_len=80):
     """Exercise 3: matmul FLOPs of one full fine-tuning step of the shipped GPT on a batch."""
     if answer is None:
-        return unanswered("every weight of every nn.Linear costs 2 FLOPs per token forward and "
-                          "4 backward; count tokens as batch_size x seq_len (padding included).")
+        return unanswered(
+            "every weight of every nn.Linear costs 2 FLOPs per token forward and "
+            "4 backward; count tokens as batch_size x seq_len (padding included)."
+        )
     model = _shipped()
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     everything = sum(p.numel() for p in model.parameters())
@@ -115,18 +139,25 @@ def full_step_flops(answer, batch_size=16, seq_len=80):
     slips = [
         (2 * tokens * linear, "that is the forward pass; the backward costs twice as much again."),
         (4 * tokens * linear, "that is the backward pass alone; add the forward."),
-        (6 * tokens * everything, "that counts every parameter; the embedding is a table lookup "
-                                  "and the norms' gains are elementwise, not matmuls."),
-        (6 * tokens * (linear - model.lm_head.weight.numel()),
-         "lm_head is a linear layer too (128 -> 96): count it."),
+        (
+            6 * tokens * everything,
+            "that counts every parameter; the embedding is a table lookup "
+            "and the norms' gains are elementwise, not matmuls.",
+        ),
+        (
+            6 * tokens * (linear - model.lm_head.weight.numel()),
+            "lm_head is a linear layer too (128 -> 96): count it.",
+        ),
     ]
     why = _slip(answer, slips, expected, rel_tol=1e-12)
     if why:
         return Result(False, f"{answer:,.0f} is not it: {why}")
     return check_number(
-        answer, expected, what=f"the matmul FLOPs of one full step on a ({batch_size}, {seq_len}) "
-                               "batch", rel_tol=1e-12,
+        answer,
+        expected,
+        what=f"the matmul FLOPs of one full step on a ({batch_size}, {seq_len}) batch",
+        rel_tol=1e-12,
         why=f"6 x {tokens:,} tokens x {linear:,} weights in linear layers.",
         hint="sum the weights of the nn.Linear modules (lm_head included), then 6 FLOPs per "
-             "weight per token.",
+        "weight per token.",
     )

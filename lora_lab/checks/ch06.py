@@ -22,16 +22,24 @@ def dq_bits(answer, blocksize=128):
     slips = [  # (value, why), the first match wins
         (4 + 32 / blocksize, "that keeps the block constants in float32: no double quantization."),
         (4 + 8 / blocksize, "that leaves out the float32 scale each group of 256 constants keeps."),
-        (4 + 8 / 64 + 32 / (64 * DQ_BLOCK), f"that is the figure for blocks of 64, not {blocksize}."),
-        (4 + 8 / blocksize + 32 / DQ_BLOCK, "the 32-bit scale is shared by 256 constants, each of "
-                                            f"which already covers {blocksize} weights."),
+        (
+            4 + 8 / 64 + 32 / (64 * DQ_BLOCK),
+            f"that is the figure for blocks of 64, not {blocksize}.",
+        ),
+        (
+            4 + 8 / blocksize + 32 / DQ_BLOCK,
+            "the 32-bit scale is shared by 256 constants, each of "
+            f"which already covers {blocksize} weights.",
+        ),
     ]
     if _is_number(answer):
         for value, why in slips:
             if not math.isclose(value, expected) and math.isclose(answer, value, rel_tol=1e-6):
                 return Result(False, f"{answer:g} is not it: {why}")
     return check_number(
-        answer, expected, what=f"bits per weight, blocks of {blocksize}, double quantization",
+        answer,
+        expected,
+        what=f"bits per weight, blocks of {blocksize}, double quantization",
         rel_tol=1e-6,
         why=f"4 bits of code, 8/{blocksize} for the block's 8-bit constant, and "
         f"32/({blocksize}*{DQ_BLOCK}) for the float32 scale of every {DQ_BLOCK} constants.",
@@ -61,15 +69,21 @@ def nf4_block(answer):
         slips = [
             (levels[codes], "those are the levels: multiply each by the block's absmax."),
             (block / absmax, "that is each weight over the absmax, before rounding to a level."),
-            (int4_codebook()[(block[:, None] / absmax - int4_codebook()).abs().argmin(dim=1)]
-             * absmax, "that rounds to the int4 grid (sevenths); NF4's levels are "
-                       "lora_lab.nf4_codebook()."),
+            (
+                int4_codebook()[(block[:, None] / absmax - int4_codebook()).abs().argmin(dim=1)]
+                * absmax,
+                "that rounds to the int4 grid (sevenths); NF4's levels are "
+                "lora_lab.nf4_codebook().",
+            ),
         ]
         for value, why in slips:
             if torch.allclose(answer64, value.double(), atol=1e-6, rtol=0):
                 return Result(False, why)
     return check_tensor(
-        answer, expected, what="the dequantized block", atol=1e-6,
+        answer,
+        expected,
+        what="the dequantized block",
+        atol=1e-6,
         why="each weight became the nearest NF4 level of weight/absmax, times the absmax; the "
         "largest weight comes back exactly.",
         hint="divide by block.abs().max(), pick the nearest of the 16 levels of "
@@ -102,15 +116,24 @@ def nf3_codebook(answer):
         a = answer.detach().double().cpu()
         if not torch.equal(a, a.sort().values):
             return Result(False, "the levels should be sorted from -1 to 1.")
-        unnormalized = expected * torch.special.ndtri(torch.tensor(1 - (1 / 14 + 1 / 16) / 2,
-                                                                   dtype=torch.float64))
+        unnormalized = expected * torch.special.ndtri(
+            torch.tensor(1 - (1 / 14 + 1 / 16) / 2, dtype=torch.float64)
+        )
         if torch.allclose(a, unnormalized, atol=1e-5):
-            return Result(False, "right quantiles, but divide them by the largest so they end at 1.")
+            return Result(
+                False, "right quantiles, but divide them by the largest so they end at 1."
+            )
         if (a == 0).sum() == 0:
-            return Result(False, "there is no exact zero: NormalFloat puts one more level on the "
-                                 "positive side and keeps 0.")
+            return Result(
+                False,
+                "there is no exact zero: NormalFloat puts one more level on the "
+                "positive side and keeps 0.",
+            )
     return check_tensor(
-        answer, expected, what="the NF3 table", atol=1e-6,
+        answer,
+        expected,
+        what="the NF3 table",
+        atol=1e-6,
         why="4 positive and 3 negative normal quantiles at evenly spaced probabilities, an "
         "exact 0, scaled to [-1, 1]: NF4's recipe with 8 levels.",
         hint="torch.special.ndtri of torch.linspace(p_max, 0.5, 5)[:-1] gives the positive "

@@ -39,8 +39,10 @@ def adapter_bytes_13b(answer, rank=16, targets=("q_proj", "v_proj"), bytes_per_n
     slips = [  # (value, why it is wrong); the first match wins
         (numbers, "that is the number of LoRA parameters; multiply by the bytes per number."),
         (numbers * 4, "that is fp32 (4 bytes per number); bf16 takes 2."),
-        (expected // spec.num_layers, "that is one block; Llama-2-13B has "
-         f"{spec.num_layers} of them."),
+        (
+            expected // spec.num_layers,
+            f"that is one block; Llama-2-13B has {spec.num_layers} of them.",
+        ),
     ]
     if isinstance(answer, torch.Tensor) and answer.numel() == 1:
         answer = answer.item()
@@ -49,7 +51,10 @@ def adapter_bytes_13b(answer, rank=16, targets=("q_proj", "v_proj"), bytes_per_n
             if value != expected and answer == value:
                 return Result(False, f"{answer:,} is not it: {why}")
     return _check_count(
-        answer, expected, what=f"the rank-{rank} adapter's tensor data", unit="bytes",
+        answer,
+        expected,
+        what=f"the rank-{rank} adapter's tensor data",
+        unit="bytes",
         why=f"{spec.num_layers} blocks x {len(targets)} layers x r (d_in + d_out) = "
         f"{numbers:,} numbers, at {bytes_per_number} bytes each.",
         hint="q_proj and v_proj are hidden_size x hidden_size here; count A (r x in) and "
@@ -68,18 +73,26 @@ def data_start(answer, path):
     (header_length,) = struct.unpack("<Q", prefix)
     expected = 8 + header_length
     if answer is None:
-        return unanswered("read the first 8 bytes as a little-endian unsigned 64-bit integer "
-                          "(struct.unpack('<Q', ...)): that is the header's length.")
+        return unanswered(
+            "read the first 8 bytes as a little-endian unsigned 64-bit integer "
+            "(struct.unpack('<Q', ...)): that is the header's length."
+        )
     if isinstance(answer, torch.Tensor) and answer.numel() == 1:
         answer = answer.item()
     if _is_number(answer) and answer == header_length:
-        return Result(False, f"{answer:,} is the header's length; the data begins after the "
-                             "8-byte length field too.")
+        return Result(
+            False,
+            f"{answer:,} is the header's length; the data begins after the "
+            "8-byte length field too.",
+        )
     if _is_number(answer) and answer == 8:
         return Result(False, "byte 8 is where the JSON header begins; the data comes after it.")
     return _check_count(
-        answer, expected, what="the offset of the first tensor byte", unit="bytes", why=f"8 "
-        f"bytes of length, then {header_length:,} bytes of JSON header, then the tensors.",
+        answer,
+        expected,
+        what="the offset of the first tensor byte",
+        unit="bytes",
+        why=f"8 bytes of length, then {header_length:,} bytes of JSON header, then the tensors.",
         hint="the data begins after the 8-byte length field and the header it announces.",
     )
 
@@ -99,14 +112,18 @@ def ignored_by_strict_false(answer, rank=8):
     if isinstance(answer, torch.Tensor) and answer.numel() == 1:
         answer = answer.item()
     if _is_number(answer) and answer == expected // 2:
-        return Result(False, f"{answer} counts layers; each layer saved two tensors, "
-                             "lora_A and lora_B.")
+        return Result(
+            False, f"{answer} counts layers; each layer saved two tensors, lora_A and lora_B."
+        )
     if _is_number(answer) and answer == per_block:
         return Result(False, f"{answer} is one block; the model has {config.n_layer}.")
     if _is_number(answer) and answer == len(state):
         return Result(False, f"{answer} is every tensor of the file; the q/k/v/o ones do load.")
     return _check_count(
-        answer, expected, what="the number of tensors ignored", unit="",
+        answer,
+        expected,
+        what="the number of tensors ignored",
+        unit="",
         why=f"gate_proj, up_proj and down_proj of each of {config.n_layer} blocks, each with "
         "lora_A and lora_B: no error, no warning, just dropped.",
         hint="all-linear adds gate/up/down to q/k/v/o in every block (not lm_head); only "
