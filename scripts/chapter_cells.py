@@ -120,10 +120,37 @@ def update(notebook, url, branch):
         else:
             fresh.append(cell)
     nb["cells"] = [cells[0], *fresh, *rest]
+    for cell in rest:
+        if SOLUTION in cell["metadata"].get("tags", []):
+            _hide_solution(cell, notebook)
     # widget state would make the book load widget code from a CDN; a widget
     # comes alive only in a running kernel, and each is followed by a static figure
     nb["metadata"].pop("widgets", None)
     return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+
+
+SOLUTION = "solution"  # the tag of an exercise's solution cell
+SOLUTION_NOTE = "Run this cell to see the checker's verdict."
+
+
+def _hide_solution(cell, notebook):
+    """A solution shows no answer until the learner runs it: no committed output, input folded.
+
+    CI still runs it: its last line calls the checker's ``.require()``, which raises when the
+    solution is wrong.
+    """
+    if cell["cell_type"] != "code" or ".require()" not in _source(cell):
+        raise SystemExit(
+            f"{notebook.name}: a cell tagged {SOLUTION!r} must be code that calls "
+            "check.<exercise>(...).require()"
+        )
+    if "NBVAL_CHECK_OUTPUT" in _source(cell):
+        raise SystemExit(f"{notebook.name}: a solution's output is not committed, so not checked")
+    cell["outputs"], cell["execution_count"] = [], None
+    for tag in ("hide-input",):
+        if tag not in cell["metadata"]["tags"]:
+            cell["metadata"]["tags"].append(tag)
+    cell["metadata"]["jupyter"] = {"source_hidden": True}  # Jupyter folds the input too
 
 
 def _source(cell):

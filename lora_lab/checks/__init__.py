@@ -22,6 +22,16 @@ class Result:
     def __bool__(self):
         return self.correct
 
+    def require(self):
+        """This result if it is right; else AssertionError with its message.
+
+        Every solution cell ends with ``check.<exercise>(...).require()``, so CI, which runs the
+        solutions, fails when a solution (or its checker) goes wrong.
+        """
+        if not self.correct:
+            raise AssertionError(f"the checker rejects this solution: {self.message}")
+        return self
+
     def __repr__(self):
         return ("Right! " if self.correct else "Not yet. ") + self.message
 
