@@ -23,17 +23,52 @@ def exercise_matrix():
     return torch.arange(16, dtype=torch.float64).reshape(4, 4)
 
 
-def rank1_error(answer):
-    """Exercise 2: Frobenius error of the best rank-1 approximation of ``exercise_matrix()``."""
-    S = torch.linalg.svdvals(exercise_matrix())
-    expected = S[1:].square().sum().sqrt().item()
-    return check_number(
-        answer,
-        expected,
+def svd_facts(rank1_error, rank, rank2_error):
+    """Exercise 2: the rank-1 error of ``exercise_matrix()``, its rank, and its rank-2 error.
+
+    All three are judged; the verdict names the first that is wrong.
+    """
+    M = exercise_matrix()
+    S = torch.linalg.svdvals(M)
+    expected_rank = int(torch.linalg.matrix_rank(M))
+    given = {"the rank-1 error": rank1_error, "the rank": rank, "the rank-2 error": rank2_error}
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        return unanswered(
+            f"answer {', '.join(missing)}: take torch.linalg.svdvals of the matrix; the error of "
+            "the best rank-k approximation comes from the values after the k-th, and the rank "
+            "counts the values that are not zero."
+        )
+    first = check_number(
+        rank1_error,
+        S[1:].square().sum().sqrt().item(),
         what="the rank-1 Frobenius error",
-        rel_tol=1e-6,
         why="Eckart-Young: the error is the root of the sum of the squared singular values left out.",
-        hint="take torch.linalg.svdvals of the matrix and combine every value after the first.",
+        hint="combine every singular value after the first: the root of the sum of their squares.",
+    )
+    if not first:
+        return first
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        return Result(False, f"the rank should be an int, got {type(rank).__name__} {rank!r}.")
+    if rank != expected_rank:
+        return Result(
+            False,
+            f"the rank is {expected_rank}, you have {rank}: rows 2 to 4 are row 1 plus multiples "
+            "of (1, 1, 1, 1), so only two singular values are not zero.",
+        )
+    second = check_number(
+        rank2_error,
+        0.0,
+        what="the rank-2 error",
+        why="",
+        hint=f"a rank-{expected_rank} matrix is its own best rank-{expected_rank} approximation.",
+    )
+    if not second:
+        return second
+    return Result(
+        True,
+        f"the rank-1 error is {rank1_error:.6g}, the rank is {expected_rank}, so the rank-2 "
+        "approximation is exact (error 0): Eckart-Young from the singular values alone.",
     )
 
 
