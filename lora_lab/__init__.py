@@ -65,6 +65,7 @@ _EXPORTS = {
     "nf4_codebook": "quant",
     "quantize_nf4": "quant",
     "QLoRALinear": "quant",
+    "apply_qlora": "quant",
     "QuantizedTensor": "quant",
     "quantize_4bit": "quant",
     "quantize_int4": "quant",

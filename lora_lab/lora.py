@@ -32,6 +32,18 @@ def is_conv1d(module):
     return utils is not None and isinstance(module, utils.Conv1D)
 
 
+def linear_from_conv1d(conv):
+    """The ``nn.Linear`` that computes what a transformers ``Conv1D`` does (its weight transposed)."""
+    if not is_conv1d(conv):
+        raise TypeError(f"conv must be a transformers Conv1D, got {type(conv).__name__}")
+    fan_in, fan_out = conv.weight.shape
+    linear = nn.Linear(fan_in, fan_out, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+        linear.bias.copy_(conv.bias)
+    return linear.requires_grad_(conv.weight.requires_grad)
+
+
 def layer_features(module):
     """``(in_features, out_features)`` of an ``nn.Linear`` or a transformers ``Conv1D``."""
     if is_conv1d(module):
@@ -350,7 +362,8 @@ def _short_list(names, limit=40):
     return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _replace(model, name, new):
+def replace_module(model, name, new):
+    """Put ``new`` in place of the submodule called ``name`` (a full dotted name)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -384,7 +397,9 @@ def apply_lora(
             raise type(err)(f"{err} (layer {name!r})") from None
     for name in names:
         base = model.get_submodule(name)
-        _replace(model, name, LoRALinear(base, rank, alpha, dropout, use_rslora, adapter_dtype))
+        replace_module(
+            model, name, LoRALinear(base, rank, alpha, dropout, use_rslora, adapter_dtype)
+        )
     for param in model.parameters():
         param.requires_grad_(False)
     for module in model.modules():
@@ -411,20 +426,28 @@ def count_parameters(model):
 
 
 def merge_lora(model):
-    """Fold every LoRA update into its base weight and put the plain nn.Linear back.
+    """Fold every LoRA update into its base weight and put a plain linear layer back.
 
     Works in place and returns ``model`` (a LoRALinear passed alone comes back as its
-    nn.Linear). The base weights stay frozen, as they were under LoRA.
+    nn.Linear). A LoRALinear's base weight takes the update; a QLoRALinear, whose 4-bit base
+    cannot, becomes the float ``nn.Linear`` of ``merged_linear()``. Base weights stay frozen.
     """
+    from .quant import QLoRALinear
+
     if isinstance(model, LoRALinear):
         if not model.merged:
             model.merge()
         return model.base_layer
-    layers = lora_layers(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, QLoRALinear))}
     if not layers:
-        raise ValueError("merge_lora: model has no LoRALinear layers to merge")
+        raise ValueError("merge_lora: model has no LoRALinear or QLoRALinear layers to merge")
     for name, layer in layers.items():
+        if isinstance(layer, QLoRALinear):
+            replace_module(model, name, layer.merged_linear())
+            continue
         if not layer.merged:
             layer.merge()
-        _replace(model, name, layer.base_layer)
+        replace_module(model, name, layer.base_layer)
     return model

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field, fields
 
 from lora_lab.lora import ALL_LINEAR, check_target_modules, target_matches
+from lora_lab.quant import DQ_BLOCKSIZE as NF4_NESTED_BLOCK  # the absmaxes, 8-bit, 256 a block
+from lora_lab.quant import NF4_BLOCKSIZE as NF4_BLOCK  # one absmax per 64 weights
 
 GB = 10**9  # a decimal gigabyte
 GiB = 2**30  # a binary gibibyte
@@ -29,8 +31,6 @@ ATTENTIONS = ("flash", "eager")
 
 ADAMW_8BIT_BLOCK = 256  # bitsandbytes' 8-bit optimizers: one fp32 absmax per 256 values
 ADAMW_8BIT_MIN_SIZE = 4096  # ... and tensors smaller than this keep fp32 states
-NF4_BLOCK = 64  # bitsandbytes' 4-bit default: one absmax per 64 weights
-NF4_NESTED_BLOCK = 256  # double quantization: the absmaxes, 8-bit, in blocks of 256
 
 
 def _bad(name, value, valid):

@@ -21,7 +21,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lora import (
+    ALL_LINEAR,
+    DEFAULT_TARGETS,
+    check_hyperparameters,
+    find_target_modules,
+    is_conv1d,
+    linear_from_conv1d,
+    replace_module,
+)
+
 NF4_OFFSET = 0.9677083  # outer NF4 quantile 1 - (1/30 + 1/32) / 2, to 7 digits as bitsandbytes
+NF4_BLOCKSIZE = 64  # bitsandbytes' 4-bit default: one absmax per 64 weights
 DQ_BLOCKSIZE = 256  # double quantization: block constants are quantized 256 at a time
 QUANT_TYPES = ("nf4", "fp4", "int4")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -304,7 +315,7 @@ def _double_quantize(absmax):
     return codes, scale, offset
 
 
-def quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=False):
+def quantize_4bit(w, blocksize=NF4_BLOCKSIZE, quant_type="nf4", double_quant=False):
     """Quantize ``w`` blockwise to 4 bits in ``quant_type`` ("nf4", "fp4" or "int4").
 
     Each value becomes the code of the codebook level nearest to ``value / absmax`` of its
@@ -338,17 +349,17 @@ def _quantize(w, blocksize, quant_type, double_quant, name):
     return QuantizedTensor(quant_type, packed, codebook, w.shape, w.dtype, blocksize, **stored)
 
 
-def quantize_nf4(w, blocksize=64, double_quant=False):
+def quantize_nf4(w, blocksize=NF4_BLOCKSIZE, double_quant=False):
     """NF4: 4-bit codes whose levels are normal quantiles, one float32 absmax per block."""
     return quantize_4bit(w, blocksize, "nf4", double_quant)
 
 
-def quantize_fp4(w, blocksize=64, double_quant=False):
+def quantize_fp4(w, blocksize=NF4_BLOCKSIZE, double_quant=False):
     """FP4 (e2m1) baseline: each code is a 4-bit float, scaled by its block's absmax."""
     return quantize_4bit(w, blocksize, "fp4", double_quant)
 
 
-def quantize_int4(w, blocksize=64, double_quant=False):
+def quantize_int4(w, blocksize=NF4_BLOCKSIZE, double_quant=False):
     """Symmetric int4 baseline: 15 evenly spaced levels -7/7 .. 7/7 of the block's absmax."""
     return quantize_4bit(w, blocksize, "int4", double_quant)
 
@@ -378,23 +389,18 @@ class _Linear4bit(torch.autograd.Function):
         return grad_x, None, grad_bias, None
 
 
-def _check_qlora_args(base, rank, alpha, dropout, compute_dtype):
+def _check_qlora_args(base, rank, alpha, dropout, compute_dtype, use_rslora):
     if not isinstance(base, nn.Linear):
-        raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__name__}")
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        raise TypeError(
+            f"base must be a torch.nn.Linear or a transformers Conv1D, got {type(base).__name__}"
+        )
+    check_hyperparameters(rank, alpha, dropout, use_rslora)  # LoRA's own checks
     limit = min(base.in_features, base.out_features)
     if rank > limit:
         raise ValueError(
             f"rank must be at most min(in_features, out_features) = {limit} for this layer, "
             f"got {rank!r}"
         )
-    ok = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
-    if not ok or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite number greater than 0, got {alpha!r}")
-    ok = isinstance(dropout, numbers.Real) and not isinstance(dropout, bool)
-    if not ok or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if compute_dtype is not None and compute_dtype not in _FLOAT_DTYPES:
         raise ValueError(
             "compute_dtype must be None (the base weight's dtype) or one of "
@@ -418,16 +424,20 @@ class QLoRALinear(nn.Module):
         rank=8,
         alpha=16,
         dropout=0.0,
-        blocksize=64,
+        blocksize=NF4_BLOCKSIZE,
         double_quant=True,
         compute_dtype=None,
+        use_rslora=False,
     ):
         super().__init__()
-        _check_qlora_args(base, rank, alpha, dropout, compute_dtype)
+        if is_conv1d(base):  # GPT-2's layers: the same map as an nn.Linear, weight transposed
+            base = linear_from_conv1d(base)
+        _check_qlora_args(base, rank, alpha, dropout, compute_dtype, use_rslora)
         weight = base.weight.detach()  # only its 4-bit copy is kept
 
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank, self.alpha, self.scaling = int(rank), alpha, alpha / rank
+        self.rank, self.alpha, self.use_rslora = int(rank), alpha, use_rslora
+        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank  # as LoRALinear
         self.blocksize, self.double_quant = blocksize, double_quant
         self.compute_dtype = weight.dtype if compute_dtype is None else compute_dtype
         self._weight_dtype = weight.dtype
@@ -485,11 +495,12 @@ class QLoRALinear(nn.Module):
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     @torch.no_grad()
-    def merge(self):
+    def merged_linear(self):
         """A new, frozen float ``nn.Linear`` holding dequant(W) + scaling * B @ A (compute_dtype).
 
-        The 4-bit base cannot take the update in place: it has to be dequantized first
-        (and re-quantizing the sum would lose much of the update; see requantize_error).
+        Unlike ``LoRALinear.merge()``, which adds the update to its float weight in place, the
+        4-bit base cannot take the update: it is dequantized into a new layer (re-quantizing
+        the sum would lose much of the update; see requantize_error). ``merge_lora`` uses it.
         """
         merged = self.weight.dequantize(torch.float32) + self.delta_weight().float()
         linear = nn.Linear(
@@ -529,3 +540,48 @@ class QLoRALinear(nn.Module):
             f"blocksize={self.blocksize}, double_quant={self.double_quant}, "
             f"bits_per_weight={self.weight.bits_per_weight:.3f}"
         )
+
+
+def apply_qlora(
+    model,
+    rank=8,
+    alpha=16,
+    target_modules=DEFAULT_TARGETS,
+    dropout=0.0,
+    use_rslora=False,
+    *,
+    quantize=ALL_LINEAR,
+    blocksize=NF4_BLOCKSIZE,
+    double_quant=True,
+    compute_dtype=None,
+):
+    """QLoRA on ``model``, in place, as apply_lora is LoRA; returns ``model``.
+
+    Every layer ``quantize`` selects (default: every linear layer but the output head, as in
+    the QLoRA paper) becomes a QLoRALinear with a frozen NF4 base; the adapters of the layers
+    ``target_modules`` selects train, the others stay frozen at B = 0. Both are matched as
+    ``apply_lora`` matches (PEFT's rule). Every other parameter is frozen.
+    """
+    check_hyperparameters(rank, alpha, dropout, use_rslora)
+    quantized = find_target_modules(model, quantize)
+    targets = find_target_modules(model, target_modules)
+    outside = [name for name in targets if name not in set(quantized)]
+    if outside:
+        raise ValueError(
+            f"target_modules {target_modules!r} selects {outside[:3]}, which quantize="
+            f"{quantize!r} leaves in float: put adapters only on quantized layers (or use apply_lora)"
+        )
+    layers = {}
+    for name in quantized:  # build every layer before changing the model
+        try:
+            layers[name] = QLoRALinear(model.get_submodule(name), rank, alpha, dropout,
+                                       blocksize, double_quant, compute_dtype, use_rslora)  # fmt: skip
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (layer {name!r})") from None
+    for name, layer in layers.items():
+        replace_module(model, name, layer)
+    model.requires_grad_(False)
+    for name in targets:
+        layers[name].lora_A.weight.requires_grad_(True)
+        layers[name].lora_B.weight.requires_grad_(True)
+    return model

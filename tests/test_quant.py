@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+import lora_lab  # noqa: E402
 from lora_lab.quant import (  # noqa: E402
     DQ_BLOCKSIZE,
     NF4_OFFSET,
@@ -505,7 +506,7 @@ def test_merge_gives_a_float_linear_equal_to_forward():
     base, layer = _layer()
     with torch.no_grad():
         layer.lora_B.weight.normal_(0, 0.1)
-    merged = layer.merge()
+    merged = layer.merged_linear()
     assert type(merged) is nn.Linear and merged.weight.dtype == torch.float32
     assert not merged.weight.requires_grad
     x = torch.randn(4, 128)
@@ -522,7 +523,7 @@ def test_requantizing_a_merged_weight_loses_a_small_update():
         with torch.no_grad():
             layer.lora_B.weight.normal_(0, std)
         ratio = layer.requantize_error()
-        merged = layer.merge().weight
+        merged = layer.merged_linear().weight
         requantized = quantize_nf4(merged, double_quant=True).dequantize()
         manual = ((requantized - merged).norm() / layer.delta_weight().norm()).item()
         assert ratio == pytest.approx(manual, rel=1e-6)
@@ -564,7 +565,9 @@ def test_qlora_bad_arguments(kw, error, match):
 
 
 def test_qlora_bad_base():
-    with pytest.raises(TypeError, match="base must be a torch.nn.Linear, got Conv1d"):
+    with pytest.raises(
+        TypeError, match="base must be a torch.nn.Linear or a transformers Conv1D, got Conv1d"
+    ):
         QLoRALinear(nn.Conv1d(4, 4, 1))
     base = nn.Linear(8, 8)
     with torch.no_grad():
@@ -573,3 +576,69 @@ def test_qlora_bad_base():
         QLoRALinear(base, rank=2)
     with pytest.raises(ValueError, match=r"in_features = 128 .* got shape \(2, 5\)"):
         QLoRALinear(nn.Linear(128, 64))(torch.randn(2, 5))
+
+
+# ----------------------------------------------------------------------------- apply_qlora
+
+
+def _tiny_gpt():
+    from lora_lab import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, intermediate_size=128))
+
+
+def test_apply_qlora_quantizes_all_linear_and_trains_only_the_targets():
+    from lora_lab import apply_qlora
+
+    model = apply_qlora(_tiny_gpt(), rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    qlora = {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    assert len(qlora) == 2 * 7 and isinstance(model.lm_head, nn.Linear)  # the head stays float
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        f"model.layers.{i}.self_attn.{k}_proj.lora_{ab}.weight"
+        for i in (0, 1)
+        for k in "qv"
+        for ab in "AB"
+    }
+    x = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        before = model(x)
+        merged = lora_lab.merge_lora(model)  # 4-bit layers become float layers holding W + dW
+    assert not any(isinstance(m, QLoRALinear) for m in merged.modules())
+    torch.testing.assert_close(merged(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_qlora_matches_apply_lora_rules_and_refuses_targets_left_in_float():
+    from lora_lab import apply_qlora
+
+    with pytest.raises(ValueError, match="matched no module"):
+        apply_qlora(_tiny_gpt(), target_modules=["qkv_proj"])
+    with pytest.raises(ValueError, match="leaves in float"):
+        apply_qlora(_tiny_gpt(), target_modules=["lm_head"])
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        apply_qlora(_tiny_gpt(), rank=0)
+    rs = apply_qlora(_tiny_gpt(), rank=16, alpha=8, use_rslora=True)
+    layer = rs.model.layers[0].self_attn.q_proj
+    assert layer.use_rslora and layer.scaling == 8 / 4  # alpha / sqrt(r), as in LoRALinear
+
+
+def test_qlora_wraps_gpt2_conv1d_as_its_linear(tmp_path):
+    from lora_lab import load_model, save_random_model
+    from lora_lab.lora import is_conv1d, linear_from_conv1d
+
+    gpt2, _ = load_model(
+        str(save_random_model("gpt2", tmp_path / "g", dtype=torch.float32)), device="cpu"
+    )
+    conv = gpt2.transformer.h[0].attn.c_attn
+    assert is_conv1d(conv)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_from_conv1d(conv)(x), conv(x), rtol=1e-6, atol=1e-6)
+        torch.manual_seed(1)
+        from_conv = QLoRALinear(conv, rank=4)
+        torch.manual_seed(1)
+        from_linear = QLoRALinear(linear_from_conv1d(conv), rank=4)
+        assert torch.equal(from_conv(x), from_linear(x))
+    model = lora_lab.apply_qlora(gpt2, rank=4, target_modules=["c_attn"])
+    assert sum(isinstance(m, QLoRALinear) for m in model.modules()) == 2 * 4
