@@ -7,14 +7,14 @@ Prints three ratios (lower is faster):
   2. a merged model's inference time / the plain nn.Linear model it came from;
   3. the overhead of unmerged LoRA at inference, over the plain model.
 
-Timing: warm-up, then many samples of a few calls each; the two sides are interleaved and
-alternate which goes first, so load from other processes hits both alike; the median is kept.
+Timing: lora_lab.measure's interleaved timer (warm-up, then many samples of a few calls each;
+the two sides alternate which goes first, so load from other processes hits both alike) and
+its one statistic, the median.
 """
 
 import argparse
 import copy
 import os
-import statistics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,19 +22,13 @@ import peft  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from benchmarks.timing import interleaved_times  # noqa: E402
 from lora_lab.lora import LoRALinear, apply_lora, merge_lora  # noqa: E402
+from lora_lab.measure import compare  # noqa: E402
 
 
-def time_pair(fn_a, fn_b, samples, calls, warmup=5):
-    """Median seconds per call of ``fn_a`` and ``fn_b``, and the median of their paired ratios.
-
-    Each sample times ``calls`` calls of one side and then of the other (the order
-    alternates), so a burst of load from other processes hits both sides of a pair alike.
-    """
-    times_a, times_b = interleaved_times(fn_a, fn_b, samples, calls, warmup)
-    ratio = statistics.median(a / b for a, b in zip(times_a, times_b, strict=True))
-    return statistics.median(times_a), statistics.median(times_b), ratio
+def time_pair(fn_a, fn_b, samples, calls):
+    """Median seconds per call of ``fn_a`` and ``fn_b``, and the median of their paired ratios."""
+    return compare(fn_a, fn_b, samples=samples, calls=calls, warmup=5)
 
 
 def layer_pair(d_in, d_out, rank, alpha):

@@ -11,9 +11,8 @@ A QLoRA step is slower because the frozen weight lives in 4 bits: every forward 
 dequantizes it, and the backward pass dequantizes it again to send the gradient to the
 layer's input, instead of reading a float matrix that is already there.
 
-Timing: warm-up, then samples of a few calls each; the two sides are interleaved and
-alternate which goes first, and each side's best sample is kept (load from other
-processes only ever adds time).
+Timing: lora_lab.measure's interleaved timer (warm-up, then samples of a few calls each; the
+two sides alternate which goes first) and its one statistic, the median.
 """
 
 import argparse
@@ -25,19 +24,14 @@ import bitsandbytes.functional as bnb_f  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from benchmarks.timing import interleaved_times  # noqa: E402
 from lora_lab.lora import LoRALinear  # noqa: E402
+from lora_lab.measure import compare  # noqa: E402
 from lora_lab.quant import QLoRALinear, quantize_nf4  # noqa: E402
 
 
-def time_pair(fn_a, fn_b, samples, calls, warmup=2):
-    """Best seconds per call of ``fn_a`` and ``fn_b`` over ``samples`` interleaved samples.
-
-    The best (not the median) is kept: on a shared machine, load from other processes
-    only ever adds time, so the fastest sample is the closest to the code's own cost.
-    """
-    times_a, times_b = interleaved_times(fn_a, fn_b, samples, calls, warmup)
-    return min(times_a), min(times_b), min(times_a) / min(times_b)
+def time_pair(fn_a, fn_b, samples, calls):
+    """Median seconds per call of ``fn_a`` and ``fn_b``, and the median of their paired ratios."""
+    return compare(fn_a, fn_b, samples=samples, calls=calls, warmup=2)
 
 
 def bench_nf4(rows, cols, blocksize, samples):

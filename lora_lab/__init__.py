@@ -1,13 +1,12 @@
 """lora_lab: the helper package of the LoRA Lab course.
 
 Each module holds one concept; this file only re-exports the public names so a
-notebook can write ``from lora_lab import LoRALinear``. Names are resolved on
-first use, so importing ``lora_lab`` stays cheap and pulls in no heavy library
-(transformers, peft, bitsandbytes) until a chapter asks for it.
+notebook can write ``from lora_lab import LoRALinear``. The modules import only torch
+at import time (transformers, peft, bitsandbytes and pandas are imported inside the
+functions that need them), so ``import lora_lab`` stays cheap.
 """
 
 import os
-from importlib import import_module
 
 # torch's OpenMP worker threads busy-wait ("spin") after each parallel region. When another
 # process competes for the cores, the spinning workers take the CPU time the working thread
@@ -20,77 +19,107 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
-_EXPORTS = {
-    # utils: seeding, device choice, environment report
-    "set_seed": "utils",
-    "get_device": "utils",
-    "print_versions": "utils",
-    "in_colab": "utils",
-    # low-rank helpers (chapter 2)
-    "low_rank_approx": "lowrank",
-    "sample_image": "lowrank",
-    "energy_captured": "lowrank",
-    # LoRA core (chapters 3, 4)
-    "LoRALinear": "lora",
-    "apply_lora": "lora",
-    "count_parameters": "lora",
-    "merge_lora": "lora",
-    # adapters in PEFT's format (chapter 7)
-    "save_adapter": "adapters",
-    "load_adapter": "adapters",
-    # any model: the MODEL switch, 16-bit types, settings by size, offline test models
-    "chosen_model": "hub",
-    "is_shipped": "hub",
-    "half_dtype": "hub",
-    "train_settings": "hub",
-    "save_random_model": "hub",
-    "logits_agree": "hub",
-    # the shipped model, its tokenizer and data (chapters 4-10)
-    "GPT": "model",
-    "GPTConfig": "model",
-    "load_pretrained": "model",
-    "load_model": "model",
-    "CharTokenizer": "tokenizer",
-    "get_task": "data",
-    "TASKS": "data",
-    # memory estimator (chapter 1)
-    "estimate_memory": "memory",
-    "ModelSpec": "memory",
-    "PRESETS": "memory",
-    "lesson_table": "memory",
-    "measure_state_bytes": "memory",
-    "memory_calculator": "memory",
-    # quantization (chapter 6)
-    "nf4_codebook": "quant",
-    "quantize_nf4": "quant",
-    "QLoRALinear": "quant",
-    "apply_qlora": "quant",
-    "QuantizedTensor": "quant",
-    "quantize_4bit": "quant",
-    "quantize_int4": "quant",
-    "quantize_fp4": "quant",
-    "fp4_codebook": "quant",
-    "int4_codebook": "quant",
-    "dynamic_map": "quant",
-}
+# adapters in PEFT's format (chapter 7)
+from lora_lab.adapters import load_adapter, save_adapter  # noqa: E402
 
-# ``train`` is both a submodule and its main function. Importing the submodule sets the
-# package attribute ``lora_lab.train`` to the module, which would hide the function, so
-# the three training functions are bound here, eagerly (lora_lab.train needs only torch).
-from lora_lab.train import evaluate, generate, train  # noqa: E402, F401
+# the tasks (chapters 4-10)
+from lora_lab.data import TASKS, get_task  # noqa: E402
 
-__all__ = sorted([*_EXPORTS, "train", "generate", "evaluate"]) + ["__version__"]
+# the byte formulas (chapter 1)
+from lora_lab.estimate import estimate_memory, lesson_table  # noqa: E402
 
+# any model: the MODEL switch, 16-bit types, settings by size, offline test models
+from lora_lab.hub import (  # noqa: E402
+    chosen_model,
+    half_dtype,
+    is_shipped,
+    logits_agree,
+    save_random_model,
+    train_settings,
+)
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lora_lab' has no attribute {name!r}")
-    value = getattr(import_module(f"lora_lab.{module}"), name)
-    globals()[name] = value  # cache: the next lookup is a plain attribute
-    return value
+# LoRA core (chapters 3, 4)
+from lora_lab.lora import LoRALinear, apply_lora, count_parameters, merge_lora  # noqa: E402
 
+# low-rank helpers (chapter 2)
+from lora_lab.lowrank import energy_captured, low_rank_approx, sample_image  # noqa: E402
 
-def __dir__():
-    return __all__
+# measurement: tensor bytes and the one timer (chapters 1, 5, 7, 8)
+from lora_lab.measure import interleaved_times, measure_state_bytes, median  # noqa: E402
+
+# the shipped model and its tokenizer (chapters 4-10)
+from lora_lab.model import GPT, GPTConfig, load_model, load_pretrained  # noqa: E402
+
+# quantization (chapter 6): the layer, the codebooks, the quantizers
+from lora_lab.quant import QLoRALinear, QuantizedTensor, apply_qlora  # noqa: E402
+
+# isort: split
+from lora_lab.quant import dynamic_map, fp4_codebook, int4_codebook, nf4_codebook  # noqa: E402
+
+# isort: split
+from lora_lab.quant import quantize_4bit, quantize_fp4, quantize_int4, quantize_nf4  # noqa: E402
+
+# model specs and presets (chapter 1)
+from lora_lab.specs import PRESETS, ModelSpec  # noqa: E402
+from lora_lab.tokenizer import CharTokenizer  # noqa: E402
+
+# training: fine-tune, sample, score (chapters 5-10)
+from lora_lab.training import evaluate, generate, train  # noqa: E402
+
+# utils: seeding, device choice, environment report
+from lora_lab.utils import get_device, in_colab, print_versions, set_seed  # noqa: E402
+
+# the memory calculator widget (chapter 1)
+from lora_lab.widgets import memory_calculator  # noqa: E402
+
+__all__ = [
+    "GPT",
+    "PRESETS",
+    "TASKS",
+    "CharTokenizer",
+    "GPTConfig",
+    "LoRALinear",
+    "ModelSpec",
+    "QLoRALinear",
+    "QuantizedTensor",
+    "__version__",
+    "apply_lora",
+    "apply_qlora",
+    "chosen_model",
+    "count_parameters",
+    "dynamic_map",
+    "energy_captured",
+    "estimate_memory",
+    "evaluate",
+    "fp4_codebook",
+    "generate",
+    "get_device",
+    "get_task",
+    "half_dtype",
+    "in_colab",
+    "int4_codebook",
+    "interleaved_times",
+    "is_shipped",
+    "lesson_table",
+    "load_adapter",
+    "load_model",
+    "load_pretrained",
+    "logits_agree",
+    "low_rank_approx",
+    "measure_state_bytes",
+    "median",
+    "memory_calculator",
+    "merge_lora",
+    "nf4_codebook",
+    "print_versions",
+    "quantize_4bit",
+    "quantize_fp4",
+    "quantize_int4",
+    "quantize_nf4",
+    "sample_image",
+    "save_adapter",
+    "save_random_model",
+    "set_seed",
+    "train",
+    "train_settings",
+]

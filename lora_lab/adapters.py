@@ -169,14 +169,14 @@ def _digest(tensors):
 
 
 def _base_fingerprint(model):
-    from .lora import _linear_names
+    from .lora import linear_names
 
     n_params = sum(
         p.numel()
         for n, p in model.named_parameters()
         if ".lora_A." not in n and ".lora_B." not in n
     )
-    return f"{len(_linear_names(model))} linear layers, {n_params} parameters"
+    return f"{len(linear_names(model))} linear layers, {n_params} parameters"
 
 
 # ----------------------------------------------------------------------------- saving
@@ -215,7 +215,7 @@ def _fsync(path):
         os.close(fd)
 
 
-def _exchange(a, b):
+def exchange_paths(a, b):
     """Swap the paths ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``).
 
     Returns False where the system cannot (another OS, an old kernel or file system).
@@ -252,7 +252,7 @@ def _move_into_place(tmp, target):
         _step("renamed")
         _fsync(parent)
         return
-    if _exchange(tmp, target):  # tmp now holds the old adapter
+    if exchange_paths(tmp, target):  # tmp now holds the old adapter
         _step("exchanged")
         _fsync(parent)
         shutil.rmtree(tmp)

@@ -11,6 +11,8 @@ only the style is new), or ask for something the corpus never shows (far from pr
 import random
 from dataclasses import dataclass
 
+from .validate import integer, positive_int
+
 ANIMALS = (
     "fox", "owl", "bear", "frog", "hare", "wolf", "crow", "deer",
     "mole", "seal", "goat", "lynx", "toad", "newt", "swan", "duck",
@@ -127,10 +129,8 @@ CORPUS_DESCRIPTION = (
 
 def pretraining_corpus(n_chars=1_000_000, seed=0):
     """At least ``n_chars`` characters of paragraphs and question/answer pairs about the world."""
-    if isinstance(n_chars, bool) or not isinstance(n_chars, int) or n_chars <= 0:
-        raise ValueError(f"n_chars must be a positive int, got {n_chars!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    positive_int("n_chars", n_chars)
+    integer("seed", seed)
     rng, facts = random.Random(seed), world()
     parts, size = [], 0
     while size < n_chars:
@@ -234,3 +234,12 @@ def get_task(name):
     if name not in _BUILDERS:
         raise ValueError(f"unknown task {name!r}; the tasks are {TASKS}")
     return _BUILDERS[name]()
+
+
+def as_task(task):
+    """``task`` itself if it is a Task, else the task of that name (see ``get_task``)."""
+    if isinstance(task, str):
+        return get_task(task)
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a Task or a task name, got {type(task).__name__}")
+    return task

@@ -6,63 +6,17 @@ tabulate: trainable parameters, bytes, step time, loss and test scores.
 """
 
 import copy
-import ctypes
-import gc
 import statistics
 from dataclasses import dataclass, field
 
 import torch
 
+from .data import as_task
 from .lora import apply_lora, count_parameters
-from .train import _check_int, _check_model, _task, score, train
+from .measure import current_rss, release_free_memory, reset_peak_rss
+from .training import score, train
 from .utils import set_seed
-
-_CLEAR_REFS = "/proc/self/clear_refs"  # Linux: writing "5" resets the peak RSS (VmHWM)
-
-
-# ---------------------------------------------------------------- scores and memory
-
-
-def release_free_memory():
-    """Collect garbage and hand the C heap's free pages back to the OS (glibc only).
-
-    Memory freed by earlier runs otherwise stays resident, and a later run reuses it without
-    raising the RSS, so its peak would look smaller than it is. Returns False where the C
-    library has no ``malloc_trim`` (then only the garbage collector ran).
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not Linux with glibc
-        return False
-    return True
-
-
-def reset_peak_rss():
-    """Reset the process's peak resident memory to its current value (Linux only).
-
-    Returns True if it was reset, False where the OS offers no way to (then the peak
-    ``train`` reports is the largest since the process started).
-    """
-    try:
-        with open(_CLEAR_REFS, "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def current_rss():
-    """The process's resident memory now, in bytes (None where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:
-        pass
-    return None
-
+from .validate import int_at_least, module_with_parameters
 
 # ---------------------------------------------------------------- one run
 
@@ -93,7 +47,7 @@ class Run:
 
     def final_train_loss(self, last=10):
         """Mean training loss of the last ``last`` steps (smooths batch-to-batch noise)."""
-        _check_int("last", last)
+        int_at_least("last", last)
         tail = self.history.loss[-last:]
         return sum(tail) / len(tail)
 
@@ -130,8 +84,8 @@ def finetune(
     (``train``'s ``autocast_dtype``), and scores it the same way; LoRA keeps the 16-bit base
     and float32 adapters. Returns a :class:`Run`.
     """
-    _check_model(base)
-    task = _task(task)
+    module_with_parameters("base", base)
+    task = as_task(task)
     if lora is not None and not isinstance(lora, dict):
         raise TypeError(f"lora must be a dict of apply_lora arguments or None, got {lora!r}")
     half = {p.dtype for p in base.parameters()} & {torch.float16, torch.bfloat16}

@@ -15,6 +15,9 @@ import sys
 import torch
 import torch.nn as nn
 
+from . import validate
+from .validate import boolean, finite_number, positive_int, probability
+
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
 REGEX_TIMEOUT_S = 1.0  # the most one regex may take to match one module name
 MAX_PATTERN_LENGTH = 1000  # characters of a target_modules regex
@@ -55,31 +58,13 @@ def layer_features(module):
 
 
 def _check_rank(rank, in_features, out_features):
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    positive_int("rank", rank)
     limit = min(in_features, out_features)
     if rank > limit:
         raise ValueError(
             f"rank must be at most min(in_features, out_features) = min({in_features}, "
             f"{out_features}) = {limit} for this layer, got {rank!r}"
         )
-
-
-def _check_alpha(alpha):
-    ok = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
-    if not ok or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite number greater than 0, got {alpha!r}")
-
-
-def _check_dropout(dropout):
-    ok = isinstance(dropout, numbers.Real) and not isinstance(dropout, bool)
-    if not ok or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-
-
-def _check_rslora(use_rslora):
-    if not isinstance(use_rslora, bool):
-        raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}")
 
 
 def _check_base(base, rank):
@@ -112,11 +97,10 @@ def _adapter_dtype(adapter_dtype, base):
 
 def check_hyperparameters(rank, alpha, dropout, use_rslora):
     """Validate LoRA hyperparameters that do not depend on a layer's shape."""
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    _check_alpha(alpha)
-    _check_dropout(dropout)
-    _check_rslora(use_rslora)
+    positive_int("rank", rank)
+    finite_number("alpha", alpha, minimum=0)
+    probability("dropout", dropout)
+    boolean("use_rslora", use_rslora)
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -139,9 +123,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, use_rslora=False, adapter_dtype=None):
         super().__init__()
         _check_base(base, rank)
-        _check_alpha(alpha)
-        _check_dropout(dropout)
-        _check_rslora(use_rslora)
+        finite_number("alpha", alpha, minimum=0)
+        probability("dropout", dropout)
+        boolean("use_rslora", use_rslora)
         dtype = _adapter_dtype(adapter_dtype, base)
 
         self.base_layer = base.requires_grad_(False)  # frozen W (out, in) and b (out,)
@@ -255,7 +239,7 @@ def _output_head(model):
     return getattr(model, "lm_head", None)
 
 
-def _linear_names(model):
+def linear_names(model):
     """Names of the linear layers (nn.Linear, Conv1D, LoRALinear) of ``model``, not LoRA's own."""
     lora_names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     return [
@@ -321,10 +305,9 @@ def find_target_modules(model, target_modules=DEFAULT_TARGETS):
     Raises ValueError if nothing matches (listing the linear layers that exist), TypeError
     if a match is not an ``nn.Linear``, and ValueError if a match already carries LoRA.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    validate.module("model", model)
     given, target_modules = target_modules, check_target_modules(target_modules)
-    linear = _linear_names(model)
+    linear = linear_names(model)
     if target_modules == ALL_LINEAR:
         head = _output_head(model)
         names = [n for n in linear if model.get_submodule(n) is not head]
@@ -411,15 +394,13 @@ def apply_lora(
 
 def lora_layers(model):
     """``{full name: LoRALinear}`` for every LoRA layer in ``model``, in module order."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    validate.module("model", model)
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def count_parameters(model):
     """``(trainable, total)`` parameter counts; a shared (tied) parameter counts once."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    validate.module("model", model)
     params = list(model.parameters())  # parameters() already skips tied duplicates
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return trainable, sum(p.numel() for p in params)
@@ -438,8 +419,7 @@ def merge_lora(model):
         if not model.merged:
             model.merge()
         return model.base_layer
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    validate.module("model", model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, QLoRALinear))}
     if not layers:
         raise ValueError("merge_lora: model has no LoRALinear or QLoRALinear layers to merge")

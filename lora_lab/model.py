@@ -217,7 +217,7 @@ class GPT(nn.Module):
 # ---------------------------------------------------------------- the shipped checkpoint
 
 
-def _read_config(path):
+def read_config(path):
     """GPTConfig from a JSON file, refusing unknown or missing fields; errors name the file."""
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -290,7 +290,7 @@ def load_pretrained(device=None, directory=None):
         if not f.is_file():
             raise FileNotFoundError(f"checkpoint file {f} is missing; run scripts/pretrain.py")
     device = get_device() if device is None else torch.device(device)
-    model = GPT(_read_config(config_file))
+    model = GPT(read_config(config_file))
     try:
         model.load_state_dict(_read_weights(weights), strict=True)
     except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
@@ -301,7 +301,7 @@ def load_pretrained(device=None, directory=None):
 # ---------------------------------------------------------------- transformers interop
 
 
-def _llama_config(config):
+def llama_config(config):
     from transformers import LlamaConfig
 
     from .tokenizer import CharTokenizer
@@ -333,7 +333,7 @@ def to_transformers(model):
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a GPT, got {type(model).__name__}")
     param = next(model.parameters())
-    hf = LlamaForCausalLM(_llama_config(model.config)).to(device=param.device, dtype=param.dtype)
+    hf = LlamaForCausalLM(llama_config(model.config)).to(device=param.device, dtype=param.dtype)
     hf.load_state_dict(model.state_dict(), strict=True)
     return hf.eval() if not model.training else hf
 

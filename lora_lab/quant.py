@@ -30,6 +30,7 @@ from .lora import (
     linear_from_conv1d,
     replace_module,
 )
+from .validate import boolean
 
 NF4_OFFSET = 0.9677083  # outer NF4 quantile 1 - (1/30 + 1/32) / 2, to 7 digits as bitsandbytes
 NF4_BLOCKSIZE = 64  # bitsandbytes' 4-bit default: one absmax per 64 weights
@@ -137,11 +138,6 @@ def _check_blocksize(blocksize):
         raise ValueError(
             f"blocksize must be a positive power of two (e.g. 32, 64, 128, 256), got {blocksize!r}"
         )
-
-
-def _check_flag(value, name):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- the container
@@ -329,7 +325,7 @@ def _quantize(w, blocksize, quant_type, double_quant, name):
     _check_blocksize(blocksize)
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-    _check_flag(double_quant, "double_quant")
+    boolean("double_quant", double_quant)
 
     codebook = _CODEBOOKS[quant_type](w.device)
     levels, level_codes = _encoding(codebook)

@@ -112,15 +112,15 @@ def _config(shape):
 
 def _estimate(method, shape, config):
     from lora_lab import estimate_memory
-    from lora_lab.memory import ModelSpec
+    from lora_lab.specs import ModelSpec
 
     spec = ModelSpec.from_config(config)
     kw = dict(
         batch_size=BATCH, seq_len=SEQ, attention="flash"
     )  # SDPA: fused kernels on CPU and GPU
     if method == "full":
-        return estimate_memory(spec, "full", "bf16", convention="lesson", **kw)
-    return estimate_memory(spec, method, "bf16", rank=RANK, target_modules=TARGETS, **kw)
+        return estimate_memory(spec, "full", precision="bf16", convention="lesson", **kw)
+    return estimate_memory(spec, method, precision="bf16", rank=RANK, target_modules=TARGETS, **kw)
 
 
 def _build(method, folder, device):
@@ -143,7 +143,7 @@ def _build(method, folder, device):
 
 def _one_step(model, vocab, device):
     """One AdamW step on random tokens; returns (activation bytes saved, state bytes)."""
-    from lora_lab.memory import measure_activation_bytes, measure_state_bytes
+    from lora_lab.measure import measure_activation_bytes, measure_state_bytes
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (BATCH, SEQ), generator=gen).to(device)

@@ -34,7 +34,7 @@ from lora_lab.data import (  # noqa: E402
 )
 from lora_lab.model import CHECKPOINT_DIR, GPT, GPTConfig, save_checkpoint  # noqa: E402
 from lora_lab.tokenizer import CharTokenizer  # noqa: E402
-from lora_lab.train import evaluate, generate  # noqa: E402
+from lora_lab.training import evaluate, generate  # noqa: E402
 
 SEED = 0
 CORPUS_CHARS = 2_000_000  # training text; a separate 100k-char text (seed 1) measures loss

@@ -154,6 +154,7 @@ class Visit:
         page.on("console", self._on_console)
         page.on("pageerror", lambda exc: self.errors.append(f"uncaught: {exc}"))
         page.on("requestfailed", self._on_failed)
+        page.on("response", self._on_response)
         self.response = page.goto(site + path, wait_until="load")
 
     def _on_request(self, request):
@@ -163,6 +164,11 @@ class Visit:
     def _on_console(self, msg):
         if msg.type == "error" and (msg.location.get("url") or self.site).startswith(self.site):
             self.errors.append(msg.text)
+
+    def _on_response(self, response):
+        # a 404 shows in the console without its address; name it here
+        if response.status >= 400 and not is_external(response.url, self.site):
+            self.errors.append(f"HTTP {response.status}: {response.url}")
 
     def _on_failed(self, request):
         if not is_external(request.url, self.site):

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lora_lab.checks import ch05 as check
 from lora_lab.lora import LoRALinear, apply_lora
 from lora_lab.model import load_pretrained
-from lora_lab.train import IGNORE, train
+from lora_lab.training import IGNORE, train
 
 
 @pytest.fixture(scope="module")

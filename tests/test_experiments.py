@@ -17,7 +17,7 @@ from lora_lab.experiments import (
     reset_peak_rss,
     score,
 )
-from lora_lab.train import IGNORE, encode_pairs, make_batch
+from lora_lab.training import IGNORE, encode_pairs, make_batch
 
 TINY = GPTConfig(n_layer=1, n_head=2, n_embd=32, intermediate_size=64)
 
@@ -111,7 +111,7 @@ def test_finetune_bad_input(base):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
 def test_reset_peak_rss_lowers_the_peak_after_a_big_allocation():
-    from lora_lab.train import peak_rss_bytes
+    from lora_lab.measure import peak_rss_bytes
 
     mib = 2**20
     big = torch.ones(64 * mib // 4)  # 64 MiB, touched

@@ -22,9 +22,10 @@ from safetensors.torch import load_file, save_file
 from lora_lab import GPT, GPTConfig, QLoRALinear, apply_lora, evaluate, generate, train
 from lora_lab.adapters import load_adapter, read_adapter_config, save_adapter
 from lora_lab.data import Task
+from lora_lab.estimate import estimate_memory
 from lora_lab.lora import LoRALinear, lora_layers
-from lora_lab.memory import ModelSpec, estimate_memory
 from lora_lab.model import load_pretrained, save_checkpoint
+from lora_lab.specs import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOW_PATTERN = "(a|aa)+b"  # exponential backtracking on a long run of a's that does not end in b
@@ -339,7 +340,7 @@ def test_a_failing_save_leaves_no_debris_and_the_old_adapter(tmp_path, monkeypat
 
 def test_save_uses_an_atomic_exchange_here():
     """On this Linux machine the old and new adapter swap in one step (renameat2)."""
-    from lora_lab.adapters import _exchange
+    from lora_lab.adapters import exchange_paths
 
     if not sys.platform.startswith("linux"):
         pytest.skip("renameat2 is Linux's")
@@ -351,7 +352,7 @@ def test_save_uses_an_atomic_exchange_here():
         b.mkdir()
         (a / "x").write_text("a")
         (b / "x").write_text("b")
-        assert _exchange(a, b)
+        assert exchange_paths(a, b)
         assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
     assert os.name == "posix"
 

@@ -28,7 +28,7 @@ from lora_lab.hub import (
     train_settings,
 )
 from lora_lab.lora import LoRALinear, is_conv1d, lora_layers, merge_lora
-from lora_lab.memory import ModelSpec
+from lora_lab.specs import ModelSpec
 
 TEXT = "LoRA trains two thin matrices beside a frozen weight!"
 

@@ -1,4 +1,4 @@
-"""Tests of lora_lab.memory: counts against transformers, bytes against measurement."""
+"""Tests of lora_lab.specs, estimate, measure and widgets: counts against transformers, bytes against measurement."""
 
 import os
 
@@ -10,19 +10,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lora_lab.memory import (  # noqa: E402
+from lora_lab.estimate import (  # noqa: E402
     GB,
-    PRESETS,
-    ModelSpec,
     activation_bytes,
     estimate_memory,
     lesson_table,
-    measure_activation_bytes,
-    measure_state_bytes,
-    memory_calculator,
     nf4_bytes,
     optimizer_state_bytes,
 )
+from lora_lab.measure import measure_activation_bytes, measure_state_bytes  # noqa: E402
+from lora_lab.specs import PRESETS, ModelSpec  # noqa: E402
+from lora_lab.widgets import memory_calculator  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -197,15 +195,19 @@ def test_lesson_table_from_llama_config():
 
 def test_estimate_7b_components():
     n = 6_738_415_616
-    lesson = estimate_memory("llama-2-7b", "full", "fp16", convention="lesson", activations=False)
-    mixed = estimate_memory("llama-2-7b", "full", "bf16", convention="mixed", activations=False)
+    lesson = estimate_memory(
+        "llama-2-7b", "full", precision="fp16", convention="lesson", activations=False
+    )
+    mixed = estimate_memory(
+        "llama-2-7b", "full", precision="bf16", convention="mixed", activations=False
+    )
     assert (lesson.weights, lesson.gradients, lesson.master_weights) == (2 * n, 2 * n, 0)
     assert (mixed.weights, mixed.gradients, mixed.master_weights) == (2 * n, 2 * n, 4 * n)
     assert mixed.optimizer_states == 8 * n + 4 * 291  # 291 tensors, each with a step
-    lora = estimate_memory("llama-2-7b", "lora", "fp16", activations=False)
+    lora = estimate_memory("llama-2-7b", "lora", precision="fp16", activations=False)
     assert lora.weights == 2 * n and lora.trainable_parameters == 8_388_608
     assert lora.gradients == 4 * 8_388_608  # fp32 adapters under "mixed"
-    qlora = estimate_memory("llama-2-7b", "qlora", "bf16", activations=False)
+    qlora = estimate_memory("llama-2-7b", "qlora", precision="bf16", activations=False)
     linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     other = n - linear
     bits = (qlora.weights - 2 * other) * 8 / linear
@@ -249,7 +251,7 @@ def test_full_adamw_state_bytes_exact():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, 96, (2, 16))
     measured = one_step(model, optimizer, hf_loss(model, x)())
-    est = estimate_memory(config, "full", "fp32", "adamw")
+    est = estimate_memory(config, "full", precision="fp32", optimizer="adamw")
     assert measured["params"] == est.weights
     assert measured["grads"] == est.gradients
     assert measured["optimizer"] == est.optimizer_states  # including 4-byte step tensors
@@ -265,7 +267,8 @@ def test_other_optimizers_state_bytes_exact(optimizer):
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     measured = one_step(model, opt, hf_loss(model, torch.randint(0, 96, (2, 16)))())
     assert (
-        measured["optimizer"] == estimate_memory(config, "full", "fp32", optimizer).optimizer_states
+        measured["optimizer"]
+        == estimate_memory(config, "full", precision="fp32", optimizer=optimizer).optimizer_states
     )
 
 
@@ -274,7 +277,7 @@ def test_pure_bf16_matches_lesson_convention():
     config, model = tiny_llama(dtype=torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     measured = one_step(model, optimizer, hf_loss(model, torch.randint(0, 96, (2, 16)))())
-    est = estimate_memory(config, "full", "bf16", convention="lesson")
+    est = estimate_memory(config, "full", precision="bf16", convention="lesson")
     assert (measured["params"], measured["grads"], measured["optimizer"]) == (
         est.weights,
         est.gradients,
@@ -287,7 +290,7 @@ def test_peft_lora_state_bytes_exact():
     model = peft_lora(model, rank=4)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     measured = one_step(model, optimizer, hf_loss(model, torch.randint(0, 96, (2, 16)))())
-    est = estimate_memory(config, "lora", "fp32", rank=4)
+    est = estimate_memory(config, "lora", precision="fp32", rank=4)
     assert measured["params"] == est.weights + est.adapter
     assert measured["grads"] == est.gradients
     assert measured["optimizer"] == est.optimizer_states
@@ -320,7 +323,7 @@ def test_qlora_state_and_activation_bytes_exact():
     act, loss = measure_activation_bytes(model, hf_loss(model, x))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     measured = one_step(model, optimizer, loss)
-    est = estimate_memory(config, "qlora", "fp32", rank=4, batch_size=2, seq_len=32)
+    est = estimate_memory(config, "qlora", precision="fp32", rank=4, batch_size=2, seq_len=32)
     assert measured["params"] == est.weights + est.adapter
     assert measured["grads"] == est.gradients
     assert measured["optimizer"] == est.optimizer_states
@@ -359,7 +362,7 @@ def test_activation_bytes_exact_on_transformers_llama(attn, kv, dtype, method, t
     precision = "fp32" if dtype == torch.float32 else "bf16"
     attention = "flash" if attn == "sdpa" else "eager"
     est = activation_bytes(
-        config, method, precision, batch_size=2, seq_len=32, attention=attention, **kwargs
+        config, method, precision=precision, batch_size=2, seq_len=32, attention=attention, **kwargs
     )
     assert measured == sum(est.values())
 
@@ -384,7 +387,7 @@ def test_lora_lab_gpt_measured_exact(method):
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     measured = one_step(model, optimizer, loss)
-    est = estimate_memory(config, method, "fp32", batch_size=2, seq_len=32, **kwargs)
+    est = estimate_memory(config, method, precision="fp32", batch_size=2, seq_len=32, **kwargs)
     assert measured["params"] == est.weights + est.adapter
     assert measured["grads"] == est.gradients
     assert measured["optimizer"] == est.optimizer_states
@@ -395,7 +398,7 @@ def test_activation_formula_closed_form():
     """The docstring's per-token, per-layer formula for full fine-tuning with flash attention."""
     spec, a = PRESETS["mistral-7b"], 2
     d, H, KV, hd, inter, V = 4096, 32, 8, 128, 14336, 32000
-    parts = activation_bytes(spec, "full", "bf16", batch_size=3, seq_len=100)
+    parts = activation_bytes(spec, "full", precision="bf16", batch_size=3, seq_len=100)
     per_layer = 8 * d + a * (4 * d + 2 * (H + KV) * hd + 4 * inter) + 8 + 4 * H
     assert parts["layers"] == 300 * 32 * per_layer
     assert parts["head"] == 300 * (4 * d + 4 + a * d + a * d + 4 * V + 16)
@@ -414,7 +417,7 @@ def test_activation_options_move_the_right_way():
 
 
 def test_estimate_table_and_units():
-    est = estimate_memory("llama-2-7b", "lora", "bf16")
+    est = estimate_memory("llama-2-7b", "lora", precision="bf16")
     df = est.table()
     assert (
         df.loc["Total", "bytes"]
@@ -505,11 +508,11 @@ def test_memory_calculator_updates():
     box = memory_calculator()
     controls, output = box.controls, box.output
     lora_html = output.value
-    expected = estimate_memory("llama-2-7b", "lora", "bf16", rank=8)
+    expected = estimate_memory("llama-2-7b", "lora", precision="bf16", rank=8)
     assert f"{expected.gb():,.3f}" in lora_html and "8,388,608" in lora_html
     controls["method"].value = "full"
     assert output.value != lora_html and controls["rank"].disabled
-    full = estimate_memory("llama-2-7b", "full", "bf16")
+    full = estimate_memory("llama-2-7b", "full", precision="bf16")
     assert f"{full.gb():,.3f}" in output.value
     controls["model"].value = "gpt2"
     controls["seq_len"].value = 4096  # longer than GPT-2's 1024 positions: capped, and said

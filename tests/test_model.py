@@ -23,7 +23,7 @@ from lora_lab.model import (
     to_transformers,
 )
 from lora_lab.tokenizer import CharTokenizer, HFTokenizer
-from lora_lab.train import evaluate, generate
+from lora_lab.training import evaluate, generate
 
 TOL = 1e-5  # float32 logits of the two implementations may differ only by rounding
 
@@ -41,10 +41,10 @@ def shipped():
 def test_state_dict_names_match_llama():
     from transformers import LlamaForCausalLM
 
-    from lora_lab.model import _llama_config
+    from lora_lab.model import llama_config
 
     model = GPT(tiny_config())
-    hf = LlamaForCausalLM(_llama_config(model.config))
+    hf = LlamaForCausalLM(llama_config(model.config))
     ours, theirs = model.state_dict(), hf.state_dict()
     assert list(ours) == list(theirs)
     assert all(ours[k].shape == theirs[k].shape for k in ours)
@@ -83,9 +83,9 @@ def test_shipped_model_same_logits_as_transformers(shipped):
 def test_from_transformers_refuses_what_gpt_cannot_hold():
     from transformers import LlamaForCausalLM
 
-    from lora_lab.model import _llama_config
+    from lora_lab.model import llama_config
 
-    hf_config = _llama_config(tiny_config())
+    hf_config = llama_config(tiny_config())
     hf_config.num_key_value_heads = 1
     with pytest.raises(ValueError, match="num_key_value_heads"):
         from_transformers(LlamaForCausalLM(hf_config))

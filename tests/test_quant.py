@@ -550,7 +550,7 @@ def test_qlora_with_a_bfloat16_base_keeps_lora_in_float32():
         ({"rank": 2.5}, ValueError, "rank must be a positive integer, got 2.5"),
         ({"rank": True}, ValueError, "rank must be a positive integer, got True"),
         ({"rank": 65}, ValueError, r"rank must be at most .* = 64 .* got 65"),
-        ({"alpha": 0}, ValueError, "alpha must be a finite number greater than 0, got 0"),
+        ({"alpha": 0}, ValueError, "alpha must be a finite number > 0, got 0"),
         ({"alpha": float("nan")}, ValueError, "alpha must be a finite number .* got nan"),
         ({"dropout": 1.0}, ValueError, r"dropout must be a number in \[0, 1\), got 1.0"),
         ({"dropout": -0.1}, ValueError, r"dropout must be a number in \[0, 1\), got -0.1"),

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from lora_lab.data import TASKS, Task
+from lora_lab.measure import measure_state_bytes
 from lora_lab.model import GPT, GPTConfig, to_transformers
 from lora_lab.tokenizer import CharTokenizer, HFTokenizer
-from lora_lab.train import TrainHistory, evaluate, generate, state_bytes, train
+from lora_lab.training import TrainHistory, evaluate, generate, train
 
 WORDS = ("abc", "dog", "sun", "tree", "milk", "fish", "rain", "moon", "star", "leaf")
 TINY = Task(
@@ -157,4 +158,4 @@ def test_other_bad_arguments():
         long = Task("long", "too long", (("x" * 40, " y\n"),), (("x", " y\n"),))
         evaluate(model, long, split="train")
     with pytest.raises(TypeError, match="optimizer must be"):
-        state_bytes(model, optimizer="adam")
+        measure_state_bytes(model, optimizer="adam")

@@ -4,7 +4,8 @@ import math
 import re
 
 from lora_lab.checks import Result, check_number, unanswered
-from lora_lab.memory import GB, PRECISIONS, PRESETS, GiB, estimate_memory
+from lora_lab.estimate import GB, PRECISIONS, GiB, estimate_memory
+from lora_lab.specs import PRESETS
 
 
 def _number(answer, what):
@@ -51,7 +52,9 @@ def full_finetune_gb(answer, model="llama-2-13b", precision="fp16"):
     Weights, gradients and AdamW's two states, all at ``precision``; no activations.
     """
     spec = _preset(model)
-    est = estimate_memory(spec, "full", precision, "adamw", convention="lesson", activations=False)
+    est = estimate_memory(
+        spec, "full", precision=precision, optimizer="adamw", convention="lesson", activations=False
+    )
     n = est.num_parameters
     per_param = est.total / n  # 4 bytes per AdamW step counter make it a hair above 4*b
     slips = [
@@ -131,8 +134,10 @@ def qlora_weight_gb(answer, model="llama-2-7b", precision="bf16"):
     """Exercise 3: GB of QLoRA's frozen base: NF4 linear weights (double quantised), the rest
     at ``precision``."""
     spec = _preset(model)
-    est = estimate_memory(spec, "qlora", precision, activations=False)
-    single = estimate_memory(spec, "qlora", precision, activations=False, double_quant=False)
+    est = estimate_memory(spec, "qlora", precision=precision, activations=False)
+    single = estimate_memory(
+        spec, "qlora", precision=precision, activations=False, double_quant=False
+    )
     shapes = spec.parameter_shapes()
     linear = sum(
         math.prod(shapes[spec.layer_prefix(i) + rel + ".weight"])
@@ -166,7 +171,7 @@ def qlora_weight_gb(answer, model="llama-2-7b", precision="bf16"):
         what=f"QLoRA's frozen {model} weights (GB)",
         why=f"{linear:,} linear weights at {8 * nf4_per_weight:.4f} bits each (4-bit codes, an "
         f"8-bit absmax per 64, an fp32 absmax per 256 of those) and {rest:,} more at {precision}.",
-        hint="NF4 stores 4 bits per weight plus its block constants (lora_lab.memory.nf4_bytes "
+        hint="NF4 stores 4 bits per weight plus its block constants (lora_lab.estimate.nf4_bytes "
         "counts them); only the linear layers inside the blocks are quantized.",
         rel_tol=2e-3,
     )

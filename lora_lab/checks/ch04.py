@@ -21,7 +21,7 @@ RULE_OPTIONS = {
 
 def mistral_attention_lora(answer, rank=16):
     """Exercise 1: LoRA parameters on Mistral-7B's four attention projections at ``rank``."""
-    from lora_lab.memory import PRESETS
+    from lora_lab.specs import PRESETS
 
     spec = PRESETS["mistral-7b"]
     expected = spec.lora_parameters(rank=rank, target_modules=list(ATTENTION))

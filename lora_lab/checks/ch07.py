@@ -31,7 +31,7 @@ def _check_count(answer, expected, *, what, unit, why, hint):
 
 def adapter_bytes_13b(answer, rank=16, targets=("q_proj", "v_proj"), bytes_per_number=2):
     """Exercise 1: bytes of tensor data of a LoRA adapter on Llama-2-13B (bf16 by default)."""
-    from lora_lab.memory import PRESETS
+    from lora_lab.specs import PRESETS
 
     spec = PRESETS["llama-2-13b"]
     numbers = spec.lora_parameters(rank, targets)

@@ -11,9 +11,9 @@ def _number(answer):
 
 
 def _shipped_config():
-    from lora_lab.model import CHECKPOINT_DIR, _read_config
+    from lora_lab.model import CHECKPOINT_DIR, read_config
 
-    return _read_config(CHECKPOINT_DIR / "config.json")
+    return read_config(CHECKPOINT_DIR / "config.json")
 
 
 def lora_state_bytes(answer, rank=16, targets=("q_proj", "v_proj")):

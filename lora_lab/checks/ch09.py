@@ -20,12 +20,12 @@ def rank_for_budget(answer, budget=32_768, targets="all-linear", model=None):
     from lora_lab.lora import apply_lora, count_parameters
 
     if model is None:
-        from lora_lab.model import CHECKPOINT_DIR, GPT, _read_config
+        from lora_lab.model import CHECKPOINT_DIR, GPT, read_config
 
-        shipped = GPT(_read_config(CHECKPOINT_DIR / "config.json"))  # the shipped shapes
+        shipped = GPT(read_config(CHECKPOINT_DIR / "config.json"))  # the shipped shapes
         per_rank = count_parameters(apply_lora(shipped, rank=1, target_modules=targets))[0]
     else:
-        from lora_lab.memory import ModelSpec
+        from lora_lab.specs import ModelSpec
 
         per_rank = ModelSpec.from_model(model).lora_parameters(1, targets)
     expected = budget // per_rank  # counts are linear in the rank
@@ -72,7 +72,7 @@ def rslora_ratio(answer, rank=64):
 
 def llama_qv_params(answer, rank=16):
     """Exercise 3: LoRA parameters on Llama-2-7B's q_proj and v_proj at ``rank``."""
-    from lora_lab.memory import PRESETS
+    from lora_lab.specs import PRESETS
 
     spec = PRESETS["llama-2-7b"]
     expected = spec.lora_parameters(rank=rank, target_modules=["q_proj", "v_proj"])

@@ -25,7 +25,7 @@ def _first_slip(answer, expected, slips):
 
 def chance_overlap(answer, model="llama-2-7b", module="down_proj", i=8, j=64):
     """Exercise 1: phi(i, j) expected between random subspaces of ``module``'s input space."""
-    from lora_lab.memory import PRESETS
+    from lora_lab.specs import PRESETS
 
     if model not in PRESETS:
         raise ValueError(f"model must be one of {sorted(PRESETS)}, got {model!r}")

@@ -6,38 +6,20 @@ shipped GPT and a transformers causal LM (logits are taken from ``out.logits`` t
 
 import contextlib
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .memory import measure_state_bytes
+from .data import as_task
+from .measure import measure_state_bytes, peak_rss_bytes, sync
+from .validate import finite_number, int_at_least, module_with_parameters
 
 IGNORE = -100  # label of positions that carry no loss (prompt and padding)
 
 
 # ---------------------------------------------------------------- small helpers
-
-
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_number(name, value, minimum=0.0, inclusive=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (value == minimum and not inclusive):
-        bound = ">=" if inclusive else ">"
-        raise ValueError(f"{name} must be a finite number {bound} {minimum}, got {value!r}")
-
-
-def _check_model(model):
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if next(model.parameters(), None) is None:
-        raise ValueError("model has no parameters")
 
 
 def _device(model):
@@ -78,16 +60,6 @@ def _tokenizer(model, tokenizer):
         "tokenizer is None but model is not the shipped GPT; pass the tokenizer that "
         "load_model() returned with it"
     )
-
-
-def _task(task):
-    from .data import Task, get_task
-
-    if isinstance(task, str):
-        return get_task(task)
-    if not isinstance(task, Task):
-        raise TypeError(f"task must be a Task or a task name, got {type(task).__name__}")
-    return task
 
 
 def _check_not_merged(model):
@@ -134,32 +106,6 @@ def make_batch(examples, device):
         x[row, : len(ids) - 1] = seq[:-1]
         y[row, n_prompt - 1 : len(ids) - 1] = seq[n_prompt:]  # position j predicts token j+1
     return x.to(device), y.to(device)
-
-
-def sync(device):
-    """Wait for the work queued on ``device`` (CUDA, MPS), so a clock reading covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-# ---------------------------------------------------------------- memory
-
-
-# Bytes held by parameters, gradients and optimizer state, measured on the tensors: the
-# estimator's measuring side (chapter 1) is the one implementation, named here for training.
-state_bytes = measure_state_bytes
-
-
-def peak_rss_bytes():
-    """The process's peak resident set size in bytes (None where the OS does not report it)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, Linux: KiB
 
 
 # ---------------------------------------------------------------- training
@@ -214,15 +160,15 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    _check_model(model)
-    task = _task(task)
-    _check_int("steps", steps)
-    _check_number("lr", lr)
-    _check_int("batch_size", batch_size)
-    _check_number("weight_decay", weight_decay, inclusive=True)
+    module_with_parameters("model", model)
+    task = as_task(task)
+    int_at_least("steps", steps)
+    finite_number("lr", lr)
+    int_at_least("batch_size", batch_size)
+    finite_number("weight_decay", weight_decay, inclusive=True)
     if grad_clip is not None:
-        _check_number("grad_clip", grad_clip)
-    _check_int("seed", seed, minimum=0)
+        finite_number("grad_clip", grad_clip)
+    int_at_least("seed", seed, minimum=0)
     if not task.train:
         raise ValueError(f"task {task.name!r} has an empty train split: nothing to train on")
     _check_not_merged(model)
@@ -295,7 +241,7 @@ def train(
             scaler.step(optimizer)
             scaler.update()
             if step == 0:  # gradients and optimizer state now all exist: measure them
-                history.memory.update(state_bytes(model, optimizer))
+                history.memory.update(measure_state_bytes(model, optimizer))
             optimizer.zero_grad(set_to_none=True)
             history.loss.append(value)
             history.step_time.append(time.perf_counter() - t0)
@@ -331,7 +277,7 @@ def generate(
     context is an error, as in training; once prompt and new text outgrow the context, the
     model sees the most recent tokens that fit (a sliding window).
     """
-    _check_model(model)
+    module_with_parameters("model", model)
     if isinstance(prompt, (list, tuple)):
         return [
             generate(model, p, max_new_tokens, temperature, tokenizer, stop=stop, seed=seed)
@@ -339,11 +285,11 @@ def generate(
         ]
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"prompt must be a non-empty str (or a list of them), got {prompt!r}")
-    _check_int("max_new_tokens", max_new_tokens)
-    _check_number("temperature", temperature, inclusive=True)
+    int_at_least("max_new_tokens", max_new_tokens)
+    finite_number("temperature", temperature, inclusive=True)
     if stop is not None and (not isinstance(stop, str) or not stop):
         raise ValueError(f"stop must be a non-empty str or None, got {stop!r}")
-    _check_int("seed", seed, minimum=0)
+    int_at_least("seed", seed, minimum=0)
     tokenizer = _tokenizer(model, tokenizer)
     device, context = _device(model), _context_length(model)
     ids = tokenizer.encode(prompt)  # a bad character fails here, before the model changes
@@ -377,15 +323,15 @@ def score(model, task, split="test", n=None, tokenizer=None, batch_size=64):
     """Teacher-forced scores on ``task``'s targets: ``loss`` (mean per target token),
     ``char_acc`` (share of target tokens predicted right) and ``exact`` (as ``evaluate``).
     """
-    _check_model(model)
-    task = _task(task)
+    module_with_parameters("model", model)
+    task = as_task(task)
     pairs = task.split(split)
     if n is not None:
-        _check_int("n", n)
+        int_at_least("n", n)
         if n > len(pairs):
             raise ValueError(f"n={n} is more than the {len(pairs)} pairs in the {split} split")
         pairs = pairs[:n]
-    _check_int("batch_size", batch_size)
+    int_at_least("batch_size", batch_size)
     if not pairs:
         raise ValueError(f"task {task.name!r} has an empty {split} split: nothing to score")
     tokenizer = _tokenizer(model, tokenizer)
