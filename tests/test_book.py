@@ -162,3 +162,13 @@ def test_colab_badges_follow_the_config():
     from scripts import chapter_cells
 
     assert chapter_cells.main(["--check"]) == 0
+
+
+def test_site_root_serves_a_favicon(site):
+    """Browsers ask every site for /favicon.ico; the index redirect has no icon link, so without
+    this file its visit logged a 404 now and then (a flaky failure of the index page test)."""
+    import urllib.request
+
+    with urllib.request.urlopen(site + "favicon.ico", timeout=10) as response:
+        assert response.status == 200
+        assert response.read(4) == b"\x00\x00\x01\x00"  # an ICO file
