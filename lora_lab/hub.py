@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .validate import choice, module
+
 MODEL_ENV = "LORA_LAB_MODEL"  # the environment variable chosen_model() reads
 SHIPPED_MODEL = "lora-lab/tiny-gpt"  # the name of the shipped checkpoint (lora_lab.model)
 HALF = (torch.float16, torch.bfloat16)
@@ -103,8 +105,7 @@ SETTINGS_BY_SIZE = (
 
 def train_settings(model):
     """The ``TrainSettings`` row for ``model`` (an nn.Module), chosen by its parameter count."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    module("model", model)
     n = sum(p.numel() for p in model.parameters())
     return next(row for limit, row in SETTINGS_BY_SIZE if n <= limit)
 
@@ -190,8 +191,7 @@ def logit_tolerance(dtype):
     stay within it.
     """
     eps = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
-    if dtype not in eps:
-        raise ValueError(f"dtype must be one of {list(eps)}, got {dtype!r}")
+    choice("dtype", dtype, eps)
     return 2 * eps[dtype], 2 * eps[dtype]
 
 
