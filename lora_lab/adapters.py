@@ -3,6 +3,10 @@
 A lora_lab adapter directory is one ``peft.PeftModel.from_pretrained(base, path)`` loads,
 and ``load_adapter`` reads the directories PEFT writes. Weights are safetensors only (never
 a pickle), and a save is written whole to a temporary directory and then renamed into place.
+
+Over 400 lines because reading a file nobody vouches for is most of it: every check a
+hostile or damaged adapter needs (config, keys, shapes, finite values, hash, base size)
+sits next to the format it checks.
 """
 
 import ctypes

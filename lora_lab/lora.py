@@ -5,6 +5,9 @@ A LoRA layer computes ``y = W x + b + scaling * B (A x)`` where ``W`` (out, in) 
 ``alpha / sqrt(rank)`` with rsLoRA). Attribute names follow PEFT's LoRA layer
 (``base_layer``, ``lora_A``, ``lora_B``, ``lora_dropout``, ``scaling``), so a model's
 state-dict keys are the ones PEFT writes in its adapter files.
+
+A little over 400 lines: the layer and the target matching that places it (PEFT's rules,
+with the errors that name what a pattern matched) are one concept, read together.
 """
 
 import math

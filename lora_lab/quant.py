@@ -12,6 +12,9 @@ signed 8-bit dynamic type, each of those blocks keeping one float32 absmax.
 
 The NF4 path equals bitsandbytes' ``quantize_4bit(..., quant_type="nf4")`` and
 ``dequantize_4bit`` bit for bit; tests/test_quant.py checks it.
+
+Over 400 lines because the formats share one container (``QuantizedTensor``) and one
+block layout, and ``QLoRALinear`` computes with them; split, each part would need the others.
 """
 
 import math
