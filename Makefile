@@ -56,7 +56,6 @@ $(STAMP): requirements.txt pyproject.toml
 	    echo "set-up: no NVIDIA GPU, but $(TORCH_CPU_INDEX) cannot be reached; $(TORCH_FALLBACK)" >&2; \
 	fi
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 
 # one command builds the book, here and in the browser test (tests/book.py)

@@ -1,7 +1,7 @@
 """Copy MathJax 3 into _vendor/mathjax so the book typesets math offline.
 
 The files come from the `django-static-mathjax` wheel (a plain copy of the
-MathJax 3 release, installed by requirements.txt); nothing is committed.
+MathJax 3 release, in the "book" extra of pyproject.toml); nothing is committed.
 """
 
 import shutil
@@ -18,7 +18,7 @@ def main():
     try:
         import mathjax
     except ImportError:
-        sys.exit("vendor_mathjax: install django-static-mathjax (see requirements.txt)")
+        sys.exit("vendor_mathjax: install django-static-mathjax (pip install -e .[book])")
     source = Path(mathjax.__path__[0]) / "static" / "mathjax" / "es5"
     if not (source / "tex-chtml.js").is_file():
         sys.exit(f"vendor_mathjax: no tex-chtml.js under {source}")
