@@ -20,8 +20,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from .files import check_finite, read_safetensors
 from .lora import (
     apply_lora,
     check_hyperparameters,
@@ -143,18 +144,9 @@ def adapter_state_dict(model):
         for part in ("lora_A", "lora_B"):
             weight = getattr(layer, part).weight.detach()
             key = f"{PREFIX}{name}.{part}.weight"
-            _check_finite(weight, key, "model")
+            check_finite(weight, key, "model")
             tensors[key] = weight.to("cpu").contiguous()
     return tensors
-
-
-def _check_finite(tensor, key, where):
-    bad = int((~torch.isfinite(tensor)).sum())
-    if bad:
-        raise ValueError(
-            f"{key!r} in {where} has {bad} non-finite values (NaN or infinity) of "
-            f"{tensor.numel()}: the training that made it diverged"
-        )
 
 
 # lora_lab writes two entries in the safetensors header (PEFT ignores them): a SHA-256 of the
@@ -407,27 +399,14 @@ def _check_fan_in_fan_out(flag, model, names, path):
             )
 
 
-def _read_weights(weights_file, model):
-    """The tensors of an adapter file, checked: readable, intact, finite, made for this model."""
-    from safetensors import safe_open
-
-    try:  # safetensors: plain tensors, no code executed
-        with safe_open(str(weights_file), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(weights_file))
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise ValueError(
-            f"{str(weights_file)!r} is not a readable safetensors file ({type(err).__name__}: "
-            f"{err}); it may be truncated or another format"
-        ) from None
+def _read_weights(weights_file):
+    """The tensors of an adapter file, checked: readable, finite, and intact."""
+    tensors, metadata = read_safetensors(weights_file)
     if SHA_KEY in metadata and metadata[SHA_KEY] != _digest(tensors):
         raise ValueError(
             f"{str(weights_file)!r} is damaged: its tensors no longer match the SHA-256 "
             "lora_lab recorded when it saved them (flipped bits or an edited file)"
         )
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point():
-            _check_finite(tensor, key, repr(str(weights_file)))
     return tensors, metadata
 
 
@@ -464,7 +443,7 @@ def load_adapter(model, path):
     except (TypeError, ValueError) as err:
         raise type(err)(f"{err} (read from {str(path)!r}/{CONFIG_NAME})") from None
     _check_fan_in_fan_out(config.get("fan_in_fan_out", False), model, names, path)
-    tensors, metadata = _read_weights(weights_file, model)
+    tensors, metadata = _read_weights(weights_file)
     _check_file(tensors, model, names, rank, weights_file)
     _check_base(metadata, model, weights_file)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import as_task
+from .hub import HALF
 from .lora import apply_lora, count_parameters
 from .measure import current_rss, release_free_memory, reset_peak_rss
 from .training import score, train
@@ -88,13 +89,13 @@ def finetune(
     task = as_task(task)
     if lora is not None and not isinstance(lora, dict):
         raise TypeError(f"lora must be a dict of apply_lora arguments or None, got {lora!r}")
-    half = {p.dtype for p in base.parameters()} & {torch.float16, torch.bfloat16}
+    half = [p.dtype for p in base.parameters() if p.dtype in HALF]
     autocast_dtype = None
     model = copy.deepcopy(base)
     set_seed(seed)  # lora_A's random init
     if lora is None:
         if half:
-            autocast_dtype = max(half, key=str)  # the base's 16-bit type (one, in practice)
+            autocast_dtype = half[0]  # the base's 16-bit type
             model = model.float()
         model.requires_grad_(True)
     else:

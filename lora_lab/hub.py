@@ -12,13 +12,11 @@ grouped-query attention, GPT-2 with Conv1D layers, ...): CI runs the model chapt
 """
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from .files import write_folder
 from .validate import choice, module
 
 MODEL_ENV = "LORA_LAB_MODEL"  # the environment variable chosen_model() reads
@@ -158,25 +156,16 @@ def save_random_model(arch, path, dtype=torch.bfloat16, seed=0):
         raise ValueError(
             f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}"
         )
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"path {path} exists and is not an empty directory")
     tok = CharTokenizer()
     config = _tiny_config(arch, tok.vocab_size, tok.EOS_ID)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.to_transformers().save_pretrained(tmp)
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return path
+
+    def write(folder):
+        model.save_pretrained(folder, safe_serialization=True)
+        tok.to_transformers().save_pretrained(folder)
+
+    return write_folder(path, write)
 
 
 # ----------------------------------------------------------------------------- comparing

@@ -19,13 +19,13 @@ import torch
 import torch.nn as nn
 
 from . import validate
+from .hub import HALF  # the 16-bit floating types
 from .validate import boolean, finite_number, positive_int, probability
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
 REGEX_TIMEOUT_S = 1.0  # the most one regex may take to match one module name
 MAX_PATTERN_LENGTH = 1000  # characters of a target_modules regex
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention projections
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 MERGED_KEY = "lora_merged"  # a state-dict entry present only while a layer is merged
 
 
@@ -89,7 +89,7 @@ def _adapter_dtype(adapter_dtype, base):
     """PEFT's rule (``autocast_adapter_dtype=True``): fp32 adapters on a 16-bit base."""
     if adapter_dtype is None:
         dtype = base.weight.dtype
-        return torch.float32 if dtype in HALF_DTYPES else dtype
+        return torch.float32 if dtype in HALF else dtype
     if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
         raise TypeError(
             f"adapter_dtype must be None or a floating torch.dtype (torch.float32, "
@@ -178,7 +178,7 @@ class LoRALinear(nn.Module):
     def delta_weight(self):
         """The update ``scaling * B @ A`` as an (out, in) matrix, in the adapter's dtype."""
         A, B = self.lora_A.weight, self.lora_B.weight
-        if A.dtype in HALF_DTYPES:
+        if A.dtype in HALF:
             return (self.scaling * (B.float() @ A.float())).to(A.dtype)  # accumulate in fp32
         return self.scaling * (B @ A)  # (out, in)
 

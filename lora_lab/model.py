@@ -18,7 +18,6 @@ configuration, and each conversion is checked against the other side name for na
 import json
 import math
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .files import read_safetensors, write_folder
 from .hub import SHIPPED_MODEL, is_shipped, load_dtype
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
@@ -239,23 +239,6 @@ def read_config(path):
         raise ValueError(f"{path}: {err}") from None
 
 
-def _read_weights(path):
-    """The tensors of a safetensors file, all finite; errors name the file."""
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise ValueError(
-            f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); it may "
-            "be truncated or another format"
-        ) from None
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
-    return state
-
-
 def save_checkpoint(model, directory):
     """Write model.config to config.json and the weights to tiny_gpt.safetensors, atomically."""
     from safetensors.torch import save_file
@@ -295,7 +278,7 @@ def load_pretrained(device=None, directory=None):
     device = get_device() if device is None else torch.device(device)
     model = GPT(read_config(config_file))
     try:
-        model.load_state_dict(_read_weights(weights), strict=True)
+        model.load_state_dict(read_safetensors(weights)[0], strict=True)
     except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
         raise RuntimeError(f"{weights} does not fit {config_file}: {err}") from None
     return model.to(device).eval()
@@ -402,21 +385,12 @@ def export_transformers(model, path, tokenizer=None):
             f"tokenizer has {tokenizer.vocab_size} tokens, model.config.vocab_size is "
             f"{model.config.vocab_size}"
         )
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"path {path} exists and is not an empty directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
-    try:
-        to_transformers(model).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.to_transformers().save_pretrained(tmp)
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return path
+
+    def write(folder):
+        to_transformers(model).save_pretrained(folder, safe_serialization=True)
+        tokenizer.to_transformers().save_pretrained(folder)
+
+    return write_folder(path, write)
 
 
 def _stored_dtype(hf_config):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import as_task
+from .hub import HALF
 from .measure import measure_state_bytes, peak_rss_bytes, sync
 from .validate import finite_number, int_at_least, module_with_parameters
 
@@ -183,7 +184,7 @@ def train(
             "16-bit weight's spacing round away. Train a float32 copy (model.float()) with "
             "autocast_dtype=torch.bfloat16 (or torch.float16), or keep LoRA adapters in float32"
         )
-    if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+    if autocast_dtype is not None and autocast_dtype not in HALF:
         raise ValueError(
             f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}"
         )

@@ -266,7 +266,9 @@ def test_damaged_checkpoint_weights_name_the_file(tmp_path):
     save_checkpoint(tiny_gpt(), tmp_path)
     weights = tmp_path / "tiny_gpt.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(ValueError, match="tiny_gpt.safetensors: not a readable safetensors file"):
+    with pytest.raises(
+        ValueError, match="tiny_gpt.safetensors' is not a readable safetensors file"
+    ):
         load_pretrained(device="cpu", directory=tmp_path)
 
 
