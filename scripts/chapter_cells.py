@@ -15,7 +15,9 @@ runs that). Cells are found by their ``lora-lab:`` tag and rewritten in place.
 import argparse
 import base64
 import json
+import math
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -123,6 +125,15 @@ def update(notebook, url, branch):
     for cell in rest:
         if SOLUTION in cell["metadata"].get("tags", []):
             _hide_solution(cell, notebook)
+        if DEEP_DIVE in cell["metadata"].get("tags", []) and cell["cell_type"] == "code":
+            _fold(cell)
+    objectives = [c for c in rest if OBJECTIVES in c["metadata"].get("tags", [])]
+    if len(objectives) > 1:
+        raise SystemExit(
+            f"{notebook.name}: {len(objectives)} cells tagged {OBJECTIVES!r}, one expected"
+        )
+    if objectives:
+        _write_time(objectives[0], cells)
     # widget state would make the book load widget code from a CDN; a widget
     # comes alive only in a running kernel, and each is followed by a static figure
     nb["metadata"].pop("widgets", None)
@@ -130,6 +141,83 @@ def update(notebook, url, branch):
 
 
 SOLUTION = "solution"  # the tag of an exercise's solution cell
+OBJECTIVES = "objectives"  # the tag of the cell saying what the learner will be able to do
+DEEP_DIVE = "deep-dive"  # the tag of every cell of a folded expert detour
+TIME_LINE = "**Time:**"
+WORDS_PER_MINUTE = 200  # a common reading speed for technical prose
+
+
+def words(cell):
+    """Words a reader reads in a cell: its text, and for code its source (not its output)."""
+    return len(_source(cell).split())
+
+
+def cell_seconds(cell):
+    """Seconds a code cell took in the committed run (nbclient's timestamps), or None."""
+    ex = cell.get("metadata", {}).get("execution", {})
+    if "iopub.execute_input" not in ex or "shell.execute_reply" not in ex:
+        return None
+    start, end = (
+        datetime.fromisoformat(ex[k].replace("Z", "+00:00"))
+        for k in ("iopub.execute_input", "shell.execute_reply")
+    )
+    return (end - start).total_seconds()
+
+
+def chapter_time(cells):
+    """(reading minutes on the main path, reading minutes in deep dives, running seconds or None).
+
+    Reading counts every word of prose and code at WORDS_PER_MINUTE, solutions excluded (a
+    learner writes those); running is the sum of the committed run's cell times, None when a
+    code cell has no timing (the notebook was not executed whole).
+    """
+    main = dive = 0
+    for cell in cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if SOLUTION in tags or _tag(cell):
+            continue
+        if DEEP_DIVE in tags:
+            dive += words(cell)
+        else:
+            main += words(cell)
+    times = [cell_seconds(c) for c in cells if c["cell_type"] == "code" and _source(c).strip()]
+    running = None if any(t is None for t in times) else sum(times)
+    return main / WORDS_PER_MINUTE, dive / WORDS_PER_MINUTE, running
+
+
+def time_line(cells):
+    """The objectives cell's last line, from the chapter's words and its committed run."""
+    main, dive, running = chapter_time(cells)
+    read = max(5, 5 * math.ceil(main / 5))
+    if running is None:
+        run = "its running time is measured when it is next executed whole"
+    else:
+        run = f"about {max(5, 5 * math.ceil(running / 5))} s to run on a 2-core laptop CPU"
+    line = (
+        f"{TIME_LINE} about {read} min to read ({WORDS_PER_MINUTE} words a minute) and {run} "
+        "(the committed run)"
+    )
+    if dive:
+        line += f"; the folded deep dives add about {max(1, math.ceil(dive))} min of reading"
+    return line + "."
+
+
+def _write_time(cell, cells):
+    if cell["cell_type"] != "markdown":
+        raise SystemExit(f"the cell tagged {OBJECTIVES!r} must be markdown")
+    kept = [ln for ln in _source(cell).rstrip("\n").split("\n") if not ln.startswith(TIME_LINE)]
+    while kept and not kept[-1].strip():
+        kept.pop()
+    cell["source"] = "\n".join(kept + ["", time_line(cells)])
+
+
+def _fold(cell):
+    """A deep dive's code is folded: in the book (hide-cell) and in Jupyter (source_hidden)."""
+    if "hide-cell" not in cell["metadata"]["tags"]:
+        cell["metadata"]["tags"].append("hide-cell")
+    cell["metadata"].setdefault("jupyter", {})["source_hidden"] = True
+
+
 SOLUTION_NOTE = "Run this cell to see the checker's verdict."
 
 

@@ -78,3 +78,79 @@ def check_tensor(answer, expected, *, what, why, atol=1e-5, hint=""):
     return Result(
         False, f"{what} has the right shape but differs by up to {err:.3g}. {hint or why}"
     )
+
+
+def _describe(value, limit=120):
+    """A short printable form of an input or a result, for a checker's message."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() <= 8:
+            text = f"tensor({[round(v, 6) for v in value.detach().flatten().double().tolist()]})"
+            return text if value.dim() <= 1 else f"{text} of shape {tuple(value.shape)}"
+        return f"tensor of shape {tuple(value.shape)}, dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _same(got, expected, atol):
+    """Why ``got`` differs from ``expected`` (tensors to ``atol``, numbers too), or None."""
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            return f"a torch.Tensor was expected, got {type(got).__name__}"
+        if got.shape != expected.shape:
+            return f"shape {tuple(expected.shape)} was expected, got {tuple(got.shape)}"
+        diff = (got.detach().double().cpu() - expected.detach().double().cpu()).abs()
+        if not torch.isfinite(diff).all():
+            return "the result holds NaN or inf"
+        if diff.max().item() > atol:
+            return f"values differ by up to {diff.max().item():.3g} (allowed {atol:g})"
+        return None
+    if isinstance(expected, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
+            return f"{len(expected)} results were expected, got {_describe(got)}"
+        for i, (g, e) in enumerate(zip(got, expected)):
+            why = _same(g, e, atol)
+            if why:
+                return f"result {i}: {why}"
+        return None
+    if isinstance(expected, float) and not isinstance(expected, bool):
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()
+        if isinstance(got, bool) or not isinstance(got, (int, float)):
+            return f"a number was expected, got {type(got).__name__}"
+        return None if math.isclose(got, expected, rel_tol=atol, abs_tol=atol) else "differs"
+    return None if got == expected else "differs"
+
+
+def check_function(fn, cases, *, what, why, atol=1e-5):
+    """Run a learner's function on ``cases`` and report the first one it gets wrong.
+
+    ``cases`` is a list of ``(label, kwargs, expected)``: the function is called as
+    ``fn(**kwargs)`` and its result compared with ``expected`` (tensors to ``atol``, tuples
+    element by element, anything else with ``==``). An exception is a wrong case too, reported
+    with its type and message rather than a traceback. A function that still raises
+    ``NotImplementedError`` (the exercise's placeholder) is unanswered.
+    """
+    if fn is None:
+        return unanswered(why)
+    if not callable(fn):
+        return Result(False, f"{what} should be a function, got {type(fn).__name__} {fn!r}.")
+    for i, (label, kwargs, expected) in enumerate(cases, start=1):
+        inputs = ", ".join(f"{k}={_describe(v, 60)}" for k, v in kwargs.items())
+        try:
+            got = fn(**kwargs)
+        except NotImplementedError:
+            return unanswered(why)
+        except Exception as error:  # the learner's bug, reported as a case
+            return Result(
+                False,
+                f"{what}, case {i} of {len(cases)} ({label}; {inputs}): raised "
+                f"{type(error).__name__}: {error}",
+            )
+        problem = _same(got, expected, atol)
+        if problem:
+            return Result(
+                False,
+                f"{what}, case {i} of {len(cases)} ({label}; {inputs}): {problem}. "
+                f"Expected {_describe(expected)}, got {_describe(got)}.",
+            )
+    return Result(True, f"{what} passes all {len(cases)} cases. {why}")
