@@ -6,10 +6,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import math  # noqa: E402
 
+import bitsandbytes  # noqa: E402  required packages: a broken install fails, never skips
+import bitsandbytes.functional as bnb_f  # noqa: E402
+import peft  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
 
+import lora_lab.lora as lora_mod  # noqa: E402
+import lora_lab.model as model_mod  # noqa: E402
 from lora_lab.estimate import (  # noqa: E402
     GB,
     activation_bytes,
@@ -21,8 +27,6 @@ from lora_lab.estimate import (  # noqa: E402
 from lora_lab.measure import measure_activation_bytes, measure_state_bytes  # noqa: E402
 from lora_lab.specs import PRESETS, ModelSpec  # noqa: E402
 from lora_lab.widgets import memory_calculator  # noqa: E402
-
-transformers = pytest.importorskip("transformers")
 
 # The published configurations, typed from each model's config.json (not from lora_lab).
 LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096)
@@ -82,7 +86,6 @@ def tiny_llama(num_kv_heads=4, attn="sdpa", dtype=torch.float32, seed=0):
 
 
 def peft_lora(model, rank=4, targets=QKVO, dropout=0.0):
-    peft = pytest.importorskip("peft")
     targets = targets if isinstance(targets, str) else list(targets)
     config = peft.LoraConfig(r=rank, lora_alpha=8, target_modules=targets, lora_dropout=dropout)
     return peft.get_peft_model(model, config)
@@ -142,7 +145,6 @@ def test_gpt2_lora_count_and_all_linear():
 
 
 def test_lora_lab_gpt_counts():
-    model_mod = pytest.importorskip("lora_lab.model")
     config = model_mod.GPTConfig(n_layer=2, n_embd=64, n_head=4, intermediate_size=160)
     gpt = model_mod.GPT(config)
     spec = ModelSpec.from_config(config)
@@ -220,7 +222,6 @@ def test_estimate_7b_components():
 @pytest.mark.parametrize("shape", [(256, 320), (7, 9), (64, 16384), (1000, 333)])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_bytes_equal_bitsandbytes(shape, double_quant):
-    bnb_f = pytest.importorskip("bitsandbytes.functional")
     weight = torch.randn(shape)
     packed, state = bnb_f.quantize_4bit(
         weight, blocksize=64, quant_type="nf4", compress_statistics=double_quant
@@ -261,8 +262,7 @@ def test_full_adamw_state_bytes_exact():
 def test_other_optimizers_state_bytes_exact(optimizer):
     config, model = tiny_llama(num_kv_heads=2)
     if optimizer == "adamw_8bit":
-        bnb = pytest.importorskip("bitsandbytes")
-        opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
+        opt = bitsandbytes.optim.AdamW8bit(model.parameters(), lr=1e-3)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     measured = one_step(model, opt, hf_loss(model, torch.randint(0, 96, (2, 16)))())
@@ -298,7 +298,7 @@ def test_peft_lora_state_bytes_exact():
 
 def test_qlora_state_and_activation_bytes_exact():
     """bitsandbytes NF4 layers (double quantization) with PEFT LoRA on top, on the CPU."""
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = bitsandbytes
     config, model = tiny_llama(num_kv_heads=2)
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
@@ -370,8 +370,6 @@ def test_activation_bytes_exact_on_transformers_llama(attn, kv, dtype, method, t
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_lora_lab_gpt_measured_exact(method):
     """lora_lab's GPT: states exact; activations exact but for RoPE's tables (its buffers)."""
-    model_mod = pytest.importorskip("lora_lab.model")
-    lora_mod = pytest.importorskip("lora_lab.lora")
     torch.manual_seed(0)
     config = model_mod.GPTConfig(
         n_layer=2, n_embd=64, n_head=4, intermediate_size=160, block_size=32
