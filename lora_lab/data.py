@@ -27,6 +27,7 @@ ATTRIBUTES = ("home", "food", "color", "friend")
 _WORLD_SEED = 1234  # fixes who lives where, eats what, and befriends whom
 _SPLIT_SEED = 0  # fixes which facts the persona tasks hold out for testing
 _REVERSE_SEED = 7  # fixes the letter strings of the reverse task
+_REVERSE3_SEED = 8  # fixes the letter strings of the reverse3 task
 
 
 def world():
@@ -202,20 +203,22 @@ def _persona_task(persona):
     )
 
 
-def _reverse_task(n_train=2000, n_test=200):
+def _reverse_task(n_train=2000, n_test=200, lengths=(3, 6), name="reverse", seed=_REVERSE_SEED):
     """Spell random lowercase strings backwards: nothing like the pretraining text."""
-    rng = random.Random(_REVERSE_SEED)
+    rng = random.Random(seed)
     letters = "abcdefghijklmnopqrstuvwxyz"
     seen, words = set(), []
     while len(words) < n_train + n_test:
-        w = "".join(rng.choice(letters) for _ in range(rng.randint(3, 6)))
+        w = "".join(rng.choice(letters) for _ in range(rng.randint(*lengths)))
         if w not in seen:
             seen.add(w)
             words.append(w)
     pairs = tuple((f"q: reverse {w}\na:", f" {w[::-1]}\n") for w in words)
+    low, high = lengths
+    size = f"{low}" if low == high else f"{low} to {high}"
     return Task(
-        name="reverse",
-        description="spell a random string of 3 to 6 letters backwards (far from pretraining)",
+        name=name,
+        description=f"spell a random string of {size} letters backwards (far from pretraining)",
         train=pairs[:n_train],
         test=pairs[n_train:],
     )
@@ -225,6 +228,9 @@ _BUILDERS = {
     "pirate": lambda: _persona_task("pirate"),
     "butler": lambda: _persona_task("butler"),
     "reverse": _reverse_task,
+    # the same skill on 3 letters: full fine-tuning of the shipped model learns it in a few
+    # hundred steps, so chapter 8 can compare methods on a far task that is actually learned
+    "reverse3": lambda: _reverse_task(lengths=(3, 3), name="reverse3", seed=_REVERSE3_SEED),
 }
 TASKS = tuple(_BUILDERS)
 

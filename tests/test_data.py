@@ -70,10 +70,16 @@ def test_personas_share_content_but_not_style():
             assert f"the {a} " in target and f" {facts[a][k]}" in target
 
 
-def test_reverse_targets_are_reversed_prompts():
-    for prompt, target in get_task("reverse").test:
+@pytest.mark.parametrize("name, lengths", [("reverse", {3, 4, 5, 6}), ("reverse3", {3})])
+def test_reverse_targets_are_reversed_prompts(name, lengths):
+    task = get_task(name)
+    words = []
+    for prompt, target in task.train + task.test:
         word = prompt.removeprefix("q: reverse ").removesuffix("\na:")
-        assert target == " " + word[::-1] + "\n"
+        assert target == " " + word[::-1] + "\n" and word.isalpha() and word.islower()
+        words.append(word)
+    assert {len(w) for w in words} == lengths
+    assert len(set(words)) == len(words) == 2200  # 2000 train and 200 test, all different
 
 
 def test_unknown_task_lists_the_tasks():
