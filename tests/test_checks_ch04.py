@@ -92,3 +92,70 @@ def test_rules_differ():
     assert not check.rules_differ(3).correct
     unknown = check.rules_differ(["b", "z"])
     assert not unknown.correct and "'z'" in unknown.message
+
+
+def test_mlp_share_names_the_course_definition(monkeypatch):
+    config = GPTConfig(n_layer=2, n_embd=64, n_head=2, intermediate_size=160)
+    monkeypatch.setattr(check, "shipped_model", lambda: GPT(config))
+    lora, total = mlp_share_by_hand(config)
+    assert "PEFT" in check.mlp_share(lora / total).message
+    base_only = check.mlp_share(lora / (total - lora))
+    assert "trainable / (base + adapters)" in base_only.message
+
+
+def right_matcher(name, targets):
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def test_suffix_matcher_right_answers_pass():
+    result = check.suffix_matcher(right_matcher)
+    assert result.correct and f"all {len(check.MATCH_CASES)} cases" in result.message
+    # lora_lab's own matcher (the one apply_lora uses) agrees with every case
+    from lora_lab.lora import target_matches
+
+    assert check.suffix_matcher(lambda name, targets: target_matches(name, targets)).correct
+    for _, name, targets, selected in check.MATCH_CASES:
+        assert target_matches(name, targets) is selected, name
+
+
+@pytest.mark.parametrize(
+    "wrong, case, says",
+    [
+        (lambda name, targets: any(t in name for t in targets), 5, "qkv_proj"),  # the lesson's
+        (lambda name, targets: any(name.endswith(t) for t in targets), 5, "qkv_proj"),  # no dot
+        (lambda name, targets: name.split(".")[-1] in targets, 8, "attn.c_proj"),  # last part
+        (lambda name, targets: name in targets, 2, "self_attn.q_proj"),  # whole names only
+        (lambda name, targets: any(t in name.split(".") for t in targets), 8, "attn.c_proj"),
+    ],
+)
+def test_suffix_matcher_wrong_answers_name_the_case(wrong, case, says):
+    result = check.suffix_matcher(wrong)
+    assert not result.correct
+    assert f"case {case} of {len(check.MATCH_CASES)}" in result.message and says in result.message
+    assert "Expected" in result.message and "got" in result.message
+
+
+def test_suffix_matcher_unanswered_and_broken():
+    def todo(name, targets):
+        raise NotImplementedError
+
+    assert "No answer yet" in check.suffix_matcher(todo).message
+    assert "No answer yet" in check.suffix_matcher(None).message
+    boom = check.suffix_matcher(lambda name, targets: name.endswith("." + targets))
+    assert not boom.correct and "raised TypeError" in boom.message and "case 1" in boom.message
+
+
+def test_suffix_matcher_cases_use_real_names():
+    """The cases' Phi-3 names are the layers transformers builds; the Llama-style ones are the
+    shipped model's; the GPT-2 ones are GPT-2's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    phi3 = set(check._phi3_linear_names())
+    shipped = {n for n, _ in check.shipped_model().named_modules()}
+    with torch.device("meta"):
+        gpt2 = {n for n, _ in GPT2LMHeadModel(GPT2Config(n_layer=1)).named_modules()}
+    names = [name for _, name, _, _ in check.MATCH_CASES if not name.endswith(".lora_A")]
+    assert {"model.layers.0.self_attn.qkv_proj", "model.layers.2.mlp.gate_up_proj"} <= phi3
+    assert all(n in phi3 | shipped | gpt2 for n in names), [
+        n for n in names if n not in phi3 | shipped | gpt2
+    ]

@@ -5,6 +5,7 @@ measurement (an optimizer step, torch's FLOP counter), so a slip in a checker's 
 """
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lora_lab.checks import ch05 as check
 from lora_lab.lora import LoRALinear, apply_lora
 from lora_lab.model import load_pretrained
-from lora_lab.training import IGNORE, train
+from lora_lab.training import IGNORE, make_batch, train
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +30,12 @@ def lora_numbers_by_hand(config, rank):
 
 
 def test_optimizer_bytes_right(shipped):
-    numbers, tensors = lora_numbers_by_hand(shipped.config, 16)
-    by_hand = 2 * 4 * numbers + 4 * tensors  # two float32 moments, one float32 step each
-    if shipped.config.n_embd == 128 and shipped.config.n_layer == 4:
-        assert by_hand == 524_416
+    # the shipped model: 4 blocks of width 128, so 4 x 4 layers x 16 x (128 + 128) LoRA numbers
+    # in 32 tensors; two float32 moments per number and one float32 step per tensor
+    assert (shipped.config.n_layer, shipped.config.n_embd) == (4, 128)
+    by_hand = 2 * 4 * 65_536 + 4 * 32
+    assert by_hand == 524_416
+    assert lora_numbers_by_hand(shipped.config, 16) == (65_536, 32)
     assert check.optimizer_bytes(by_hand).correct
     assert check.optimizer_bytes(float(by_hand)).correct
     numbers8, tensors8 = lora_numbers_by_hand(shipped.config, 8)
@@ -135,3 +138,83 @@ def test_full_step_flops_slips(shipped):
         assert not result.correct and says in result.message
     assert not check.full_step_flops(None).correct
     assert not check.full_step_flops(6 * tokens * (linear + head) + 1).correct
+
+
+def _labels(ids, n_prompt):
+    y = ids[:, 1:].clone()
+    y[:, : n_prompt - 1] = IGNORE
+    return y
+
+
+def _unshifted(ids, n_prompt):
+    """The slip of labels equal to the inputs: each position 'predicts' its own token."""
+    y = ids[:, :-1].clone()
+    y[:, : n_prompt - 1] = IGNORE
+    return y
+
+
+def _step(model, optimizer, ids, n_prompt, *, labels=_labels, step=True, zero=True):
+    """A training step with one of its parts changeable, for the wrong answers below."""
+    logits = model(ids[:, :-1])
+    loss = F.cross_entropy(
+        logits.flatten(0, 1), labels(ids, n_prompt).flatten(), ignore_index=IGNORE
+    )
+    loss.backward()
+    if step:
+        optimizer.step()
+    if zero:
+        optimizer.zero_grad()
+    return loss.item()
+
+
+def test_training_step_right_answers_pass():
+    assert check.training_step(check.reference_step).correct
+    assert check.training_step(_step).correct
+
+    def zero_first_and_slice(model, optimizer, ids, n_prompt):  # same step, written otherwise
+        optimizer.zero_grad()
+        logits = model(ids[:, :-1])[:, n_prompt - 1 :]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, n_prompt:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        return loss  # a tensor is accepted
+
+    assert check.training_step(zero_first_and_slice).correct
+
+
+def test_reference_step_is_the_course_loss():
+    """The checker's labels are make_batch's: the same loss as lora_lab.training computes."""
+    model, _ = check._step_setup()
+    ids = torch.randint(0, 96, check.STEP_BATCH, generator=torch.Generator().manual_seed(1))
+    n_prompt = 5
+    x, y = make_batch([(row.tolist(), n_prompt) for row in ids], "cpu")
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+    _, optimizer = check._step_setup()
+    assert check.reference_step(model, optimizer, ids, n_prompt) == expected.item()
+
+
+@pytest.mark.parametrize(
+    "wrong, case, says",
+    [
+        (partial(_step, labels=lambda ids, n: ids[:, 1:]), 1, "answer tokens only"),  # no mask
+        (partial(_step, labels=lambda ids, n: _labels(ids, n + 1)), 1, "-100"),  # off by one
+        (partial(_step, labels=_unshifted), 1, "labels ids[:, 1:]"),
+        (partial(_step, step=False), 2, "optimizer.step()"),
+        (partial(_step, zero=False), 3, "zero_grad"),
+    ],
+)
+def test_training_step_wrong_answers_name_the_case(wrong, case, says):
+    result = check.training_step(wrong)
+    assert not result.correct and f"case {case} of 4" in result.message and says in result.message
+
+
+def test_training_step_unanswered_and_bad_return():
+    def todo(model, optimizer, ids, n_prompt):
+        raise NotImplementedError
+
+    assert "No answer yet" in check.training_step(todo).message
+    assert "No answer yet" in check.training_step(None).message
+    silent = check.training_step(lambda model, optimizer, ids, n_prompt: None)
+    assert not silent.correct and "should return its loss" in silent.message
+    assert "should be a function" in check.training_step(3).message

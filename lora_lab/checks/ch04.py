@@ -2,7 +2,7 @@
 
 import copy
 
-from lora_lab.checks import Result, check_number, unanswered
+from lora_lab.checks import Result, check_function, check_number, unanswered
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -77,16 +77,17 @@ def mlp_share(answer, rank=8):
     if number and abs(answer - trainable / (total - trainable)) < 1e-6:
         return Result(
             False,
-            "that divides by the base model's parameters alone; include the "
-            "adapters in the total, as count_parameters does.",
+            "that divides by the base model's parameters alone; the course uses PEFT's "
+            "definition, trainable / (base + adapters), as count_parameters and PEFT's "
+            "print_trainable_parameters do.",
         )
     return check_number(
         answer,
         expected,
         what=f"the MLP-only trainable share at rank {rank}",
         rel_tol=1e-3,
-        why=f"{trainable:,} of {total:,} parameters: each block adds r(d + d_ff) for each of "
-        "its three MLP layers.",
+        why=f"{trainable:,} trainable of {total:,} parameters, adapters included (PEFT's "
+        "definition): each block adds r(d + d_ff) for each of its three MLP layers.",
     )
 
 
@@ -134,3 +135,45 @@ def rules_differ(answer):
     if extra:
         why.append(f"{extra} select{'s' if len(extra) == 1 else ''} the same layers under both")
     return Result(False, "; ".join(why) + ". Look for targets that occur inside a longer name.")
+
+
+# Exercise 4: (label, name, targets, selected?) for the suffix rule. Names are real ones: the
+# shipped GPT's (Llama's), Phi-3's fused layers, GPT-2's two c_proj, and a wrapped layer's parts.
+MATCH_CASES = [
+    ("a top-level name, matched whole", "lm_head", ["lm_head"], True),
+    ("a nested name ends with the target", "model.layers.0.self_attn.q_proj", ["q_proj"], True),
+    ("any one target is enough", "model.layers.3.self_attn.v_proj", ["q_proj", "v_proj"], True),
+    ("no target", "model.layers.3.mlp.down_proj", ["q_proj", "v_proj"], False),
+    ("Phi-3's fused layer is not v_proj", "model.layers.0.self_attn.qkv_proj", ["v_proj"], False),
+    (
+        "Phi-3's fused layer by its own name",
+        "model.layers.7.self_attn.qkv_proj",
+        ["qkv_proj"],
+        True,
+    ),
+    (
+        "Phi-3's fused MLP layer is not up_proj",
+        "model.layers.2.mlp.gate_up_proj",
+        ["up_proj"],
+        False,
+    ),
+    ("a target with a dot in it", "transformer.h.0.attn.c_proj", ["attn.c_proj"], True),
+    ("the other c_proj", "transformer.h.0.mlp.c_proj", ["attn.c_proj"], False),
+    ("a part of a wrapped layer", "model.layers.0.self_attn.q_proj.lora_A", ["q_proj"], False),
+    ("a module above the target", "model.layers.0.self_attn", ["q_proj"], False),
+]
+
+
+def suffix_matcher(fn):
+    """Exercise 4: ``fn(name, targets)`` must say whether PEFT's suffix rule selects ``name``."""
+    cases = [
+        (label, {"name": name, "targets": targets}, selected)
+        for label, name, targets, selected in MATCH_CASES
+    ]
+    return check_function(
+        fn,
+        cases,
+        what="your matcher",
+        why="a module is selected when its full name is a target or ends with '.' + a target: "
+        "whole names after a dot, never letters inside a longer name (v_proj in qkv_proj).",
+    )

@@ -6,8 +6,9 @@ from functools import lru_cache
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from lora_lab.checks import Result, check_number, unanswered
+from lora_lab.checks import Result, check_function, check_number, unanswered
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -161,3 +162,97 @@ def full_step_flops(answer, batch_size=16, seq_len=80):
         hint="sum the weights of the nn.Linear modules (lm_head included), then 6 FLOPs per "
         "weight per token.",
     )
+
+
+# Exercise 4: the training step, run on a small GPT of the checker's own (two blocks of width
+# 32, LoRA at rank 4 on q, k, v and o) beside a reference step, from the same seed.
+STEP_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "intermediate_size": 64}
+STEP_BATCH = (4, 12)  # sequences of prompt + answer ids, each 12 long: inputs and labels are 11
+STEP_LR = 0.1  # plain SGD: the weights after a step are the weights minus 0.1 x the gradient
+STEP_HINTS = {
+    "one step: the loss it returns": "The loss is the mean cross-entropy of the answer tokens "
+    "only: inputs ids[:, :-1], labels ids[:, 1:] with the positions that predict a prompt "
+    "token set to -100 (the first n_prompt - 1 of them).",
+    "one step: the LoRA weights after it": "The loss is right but the weights are not: call "
+    "loss.backward() and optimizer.step().",
+    "three steps: the LoRA weights after them": "One step is right but three are not: clear "
+    "the gradients each step (optimizer.zero_grad()), or the next backward adds to them.",
+}
+
+
+def _step_setup(seed=0):
+    """The checker's LoRA model (B random, so that every factor moves from the first step) and
+    an SGD optimizer over its trainable parameters."""
+    from lora_lab.lora import apply_lora, lora_layers
+    from lora_lab.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = apply_lora(GPT(GPTConfig(**STEP_MODEL)), rank=4, alpha=8, target_modules=ATTENTION)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0.0, 0.02)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=STEP_LR)
+    return model.train(), optimizer
+
+
+def reference_step(model, optimizer, ids, n_prompt):
+    """One training step on ``ids`` (B, T + 1), the first ``n_prompt`` of each row the prompt;
+    returns the loss on the answer tokens."""
+    from lora_lab.training import IGNORE, logits_of
+
+    x, y = ids[:, :-1], ids[:, 1:].clone()  # position j predicts token j + 1
+    y[:, : n_prompt - 1] = IGNORE  # those positions predict prompt tokens
+    logits = logits_of(model, x)  # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def run_steps(step, steps, n_prompt, seed=0):
+    """(loss of each step, trainable weights after the last, flattened) of ``step`` run on the
+    checker's model and batches from ``seed``."""
+    model, optimizer = _step_setup(seed)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, STEP_BATCH, generator=gen)
+        loss = step(model, optimizer, ids, n_prompt)
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            loss = loss.item()
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            raise TypeError(f"the step should return its loss, a number; it returned {loss!r}.")
+        losses.append(float(loss))
+    weights = [p.detach().flatten() for p in model.parameters() if p.requires_grad]
+    return torch.tensor(losses), torch.cat(weights)
+
+
+def training_step(fn):
+    """Exercise 4: ``fn(model, optimizer, ids, n_prompt)`` against ``reference_step``: the loss
+    it returns and the weights after 1 and 3 steps, from the same seed and batches."""
+    why = (
+        "forward on ids[:, :-1], cross-entropy on the answer tokens only, backward, a step, "
+        "gradients cleared: the same losses and weights as the reference, step after step."
+    )
+    if fn is None or not callable(fn):
+        return check_function(fn, [], what="your training step", why=why)
+    cases = [
+        ("one step: the loss it returns", {"steps": 1, "n_prompt": 5}, 0),
+        ("one step: the LoRA weights after it", {"steps": 1, "n_prompt": 5}, 1),
+        ("three steps: the LoRA weights after them", {"steps": 3, "n_prompt": 5}, 1),
+        ("three steps, a prompt of 8 tokens: each loss", {"steps": 3, "n_prompt": 8}, 0),
+    ]
+    cases = [
+        (label, {**kw, "result": ("losses", "weights")[i]}, run_steps(reference_step, **kw)[i])
+        for label, kw, i in cases
+    ]
+
+    def learner(steps, n_prompt, result):
+        return run_steps(fn, steps, n_prompt)[("losses", "weights").index(result)]
+
+    verdict = check_function(learner, cases, what="your training step", why=why)
+    hint = next((h for label, h in STEP_HINTS.items() if f"({label};" in verdict.message), "")
+    if verdict.correct or not hint or "): raised " in verdict.message:
+        return verdict
+    return Result(False, f"{verdict.message} {hint}")
