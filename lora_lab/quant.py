@@ -1,4 +1,4 @@
-"""4-bit weights for QLoRA: NF4 from normal quantiles, double quantization, int4/fp4, QLoRALinear.
+"""4-bit weights for QLoRA: NF4 from normal quantiles, double quantization, baselines, QLoRALinear.
 
 Every format here cuts a tensor into blocks of ``blocksize`` values. A block keeps its
 absolute maximum (absmax) as a float32 constant, and each value as a 4-bit code: an
@@ -10,8 +10,11 @@ Double quantization (QLoRA's second trick) stores the block constants themselves
 8 bits: their mean is subtracted, then they are quantized in blocks of 256 with the
 signed 8-bit dynamic type, each of those blocks keeping one float32 absmax.
 
-The NF4 path equals bitsandbytes' ``quantize_4bit(..., quant_type="nf4")`` and
-``dequantize_4bit`` bit for bit; tests/test_quant.py checks it.
+The baselines are bitsandbytes' FP4 ("fp4", the one the QLoRA paper compares), the OCP
+e2m1 4-bit float ("e2m1", the element of the MX FP4 format) and symmetric int4 ("int4").
+The NF4 and FP4 paths equal bitsandbytes' ``quantize_4bit`` and ``dequantize_4bit`` bit for
+bit; tests/test_quant.py checks it. ``predicted_code_usage`` says how often each code is
+used on normally distributed weights, and why NF4's are not used equally often.
 
 Over 400 lines because the formats share one container (``QuantizedTensor``) and one
 block layout, and ``QLoRALinear`` computes with them; split, each part would need the others.
@@ -38,7 +41,7 @@ from .validate import boolean
 NF4_OFFSET = 0.9677083  # outer NF4 quantile 1 - (1/30 + 1/32) / 2, to 7 digits as bitsandbytes
 NF4_BLOCKSIZE = 64  # bitsandbytes' 4-bit default: one absmax per 64 weights
 DQ_BLOCKSIZE = 256  # double quantization: block constants are quantized 256 at a time
-QUANT_TYPES = ("nf4", "fp4", "int4")
+QUANT_TYPES = ("nf4", "fp4", "e2m1", "int4")  # "fp4" is bitsandbytes' FP4
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TINY = torch.finfo(torch.float32).tiny  # stands in for absmax = 0 (an all-zero block)
 _CHUNK_BYTES = 1 << 14  # dequantize() on a CPU: 16 KiB of codes at a time
@@ -50,9 +53,11 @@ _CHUNK_BYTES = 1 << 14  # dequantize() on a CPU: 16 KiB of codes at a time
 def nf4_codebook(device=None):
     """The 16 NF4 levels, sorted: N(0, 1) quantiles (7 negative, an exact 0, 8 positive) in [-1, 1].
 
-    Each side takes equally spaced probabilities from the median (0.5) out to NF4_OFFSET,
-    so every level covers about the same probability mass of a normal weight. Built in
-    float32 steps like bitsandbytes, the table equals the one it ships bit for bit.
+    Each side takes equally spaced probabilities from the median (0.5) out to NF4_OFFSET, so
+    every level covers about the same probability mass of a normal weight when the block's
+    absmax is ``nf4_assumed_absmax()`` (1.85) standard deviations. A block of 64 has its absmax
+    near 2.6 (``expected_absmax``), so the middle codes are used more (``predicted_code_usage``).
+    Built in float32 steps like bitsandbytes, the table equals the one it ships bit for bit.
     """
     pos_p = torch.linspace(NF4_OFFSET, 0.5, 9, dtype=torch.float32)[:-1]  # 8 positive levels
     neg_p = torch.linspace(NF4_OFFSET, 0.5, 8, dtype=torch.float32)[:-1]  # 7 negative levels
@@ -63,12 +68,13 @@ def nf4_codebook(device=None):
     return (levels / levels.max()).to(device)  # normalized so the largest level is 1
 
 
-def fp4_codebook(device=None):
-    """FP4 in the e2m1 layout, indexed by the code's bits ``s e e m``, normalized to [-1, 1].
+def e2m1_codebook(device=None):
+    """The OCP e2m1 4-bit float (the element of the MX FP4 format), normalized to [-1, 1].
 
-    A code is a tiny float: sign s, a 2-bit exponent e (bias 1) and a 1-bit mantissa m,
-    worth ``2**(e-1) * (1 + m/2)``, or ``m/2`` when e = 0 (subnormal). The magnitudes are
-    0, 0.5, 1, 1.5, 2, 3, 4, 6; dividing by 6 puts them in [-1, 1].
+    Indexed by the code's bits ``s e e m``: sign s, a 2-bit exponent e (bias 1) and a 1-bit
+    mantissa m, worth ``2**(e-1) * (1 + m/2)``, or ``m/2`` when e = 0 (subnormal). The
+    magnitudes are 0, 0.5, 1, 1.5, 2, 3, 4, 6; dividing by 6 puts them in [-1, 1]. This is
+    not bitsandbytes' FP4 (``fp4_codebook``), which differs in its smallest level.
     """
     code = torch.arange(16)
     sign = 1.0 - 2.0 * (code >> 3)
@@ -76,6 +82,24 @@ def fp4_codebook(device=None):
     normal = 2.0 ** (exponent - 1) * (1 + 0.5 * mantissa)
     magnitude = torch.where(exponent == 0, 0.5 * mantissa, normal)
     return (sign * magnitude / 6).float().to(device)  # code 8 is -0.0
+
+
+def fp4_codebook(device=None):
+    """bitsandbytes' FP4 (``quant_type="fp4"``, the format the QLoRA paper compares), in [-1, 1].
+
+    Indexed by the code's bits ``s e e m`` like e2m1, with the exponent field read the other
+    way round (01 is the largest): ``2**(3-e) * (1 + m/2) / 6`` for e = 1..3, which gives
+    e2m1's magnitudes 1/6 .. 1. For e = 0 the mantissa bit gives 1/192, not e2m1's 1/12, so
+    its smallest step is almost a second zero. Code 8 is +0.0 here, as in bitsandbytes' table,
+    so that tiny positive values take it (bitsandbytes' choice, reproduced bit for bit).
+    """
+    code = torch.arange(16)
+    sign = 1.0 - 2.0 * (code >> 3)
+    exponent, mantissa = (code >> 1) & 3, code & 1
+    normal = 2.0 ** (3 - exponent) * (1 + 0.5 * mantissa) / 6
+    magnitude = torch.where(exponent == 0, mantissa / 192.0, normal)
+    values = torch.where(magnitude == 0, 0.0, sign * magnitude)  # +0.0 for codes 0 and 8
+    return values.float().to(device)
 
 
 def int4_codebook(device=None):
@@ -89,7 +113,12 @@ def int4_codebook(device=None):
     return (q.float() / 7).to(device)
 
 
-_CODEBOOKS = {"nf4": nf4_codebook, "fp4": fp4_codebook, "int4": int4_codebook}
+_CODEBOOKS = {
+    "nf4": nf4_codebook,
+    "fp4": fp4_codebook,
+    "e2m1": e2m1_codebook,
+    "int4": int4_codebook,
+}
 
 
 def dynamic_map(device=None):
@@ -168,7 +197,7 @@ class QuantizedTensor:
         absmax_scale=None,
         absmax_offset=None,
     ):
-        self.quant_type = quant_type  # "nf4", "fp4" or "int4"
+        self.quant_type = quant_type  # one of QUANT_TYPES
         self.packed = packed  # (ceil(n / 2),) uint8: two codes a byte, the first in the high nibble
         self.codebook = codebook  # (16,) float32: a code's value in units of its block's absmax
         self.shape = torch.Size(shape)  # the original tensor's shape
@@ -275,7 +304,7 @@ def _encoding(codebook):
     """The codebook's sorted usable levels and their codes (not -0.0, nothing outside [-1, 1])."""
     negative_zero = (codebook == 0) & torch.signbit(codebook)
     codes = torch.nonzero((codebook.abs() <= 1) & ~negative_zero).flatten()
-    order = torch.argsort(codebook[codes])
+    order = torch.argsort(codebook[codes], stable=True)  # two zeros (bnb fp4): code 0 first
     return codebook[codes][order], codes[order].to(torch.uint8)
 
 
@@ -315,7 +344,7 @@ def _double_quantize(absmax):
 
 
 def quantize_4bit(w, blocksize=NF4_BLOCKSIZE, quant_type="nf4", double_quant=False):
-    """Quantize ``w`` blockwise to 4 bits in ``quant_type`` ("nf4", "fp4" or "int4").
+    """Quantize ``w`` blockwise to 4 bits in ``quant_type`` ("nf4", "fp4", "e2m1" or "int4").
 
     Each value becomes the code of the codebook level nearest to ``value / absmax`` of its
     block (a tie goes to the lower level, as in bitsandbytes). Returns a QuantizedTensor.
@@ -354,13 +383,98 @@ def quantize_nf4(w, blocksize=NF4_BLOCKSIZE, double_quant=False):
 
 
 def quantize_fp4(w, blocksize=NF4_BLOCKSIZE, double_quant=False):
-    """FP4 (e2m1) baseline: each code is a 4-bit float, scaled by its block's absmax."""
+    """bitsandbytes' FP4 baseline (``quant_type="fp4"``): 4-bit floats scaled by the block's absmax."""
     return quantize_4bit(w, blocksize, "fp4", double_quant)
+
+
+def quantize_e2m1(w, blocksize=NF4_BLOCKSIZE, double_quant=False):
+    """OCP e2m1 baseline: each code is an e2m1 4-bit float, scaled by its block's absmax."""
+    return quantize_4bit(w, blocksize, "e2m1", double_quant)
 
 
 def quantize_int4(w, blocksize=NF4_BLOCKSIZE, double_quant=False):
     """Symmetric int4 baseline: 15 evenly spaced levels -7/7 .. 7/7 of the block's absmax."""
     return quantize_4bit(w, blocksize, "int4", double_quant)
+
+
+# ----------------------------------------------------------------------------- code usage
+
+_GRID = torch.linspace(0, 12, 48_001, dtype=torch.float64)  # absmax values, in std devs
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _normal_cdf(x):
+    return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def code_usage(q):
+    """The share of ``q``'s values stored with each of the 16 codes: (16,) float64, indexed by code."""
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"q must be a QuantizedTensor (from quantize_4bit), got {type(q).__name__}")
+    counts = torch.bincount(q.codes.long().cpu(), minlength=16).double()
+    return counts / counts.sum()
+
+
+def nf4_assumed_absmax():
+    """The block absmax, in standard deviations, at which NF4's levels are equal-probability quantiles.
+
+    NF4 divides its normal quantiles by the largest, Phi^-1(NF4_OFFSET): a level times the
+    block's absmax is the quantile it was built as only when absmax = Phi^-1(NF4_OFFSET) sigma.
+    """
+    return torch.special.ndtri(torch.tensor(NF4_OFFSET, dtype=torch.float64)).item()
+
+
+def expected_absmax(blocksize=NF4_BLOCKSIZE):
+    """E[max |z|] over a block of ``blocksize`` independent N(0, 1) values, in standard deviations.
+
+    The maximum is below x when every |z| is, with probability erf(x / sqrt(2)) ** blocksize,
+    so E[max] is the integral over x > 0 of 1 - erf(x / sqrt(2)) ** blocksize (computed here).
+    """
+    n = _positive_int("blocksize", blocksize)
+    return torch.trapezoid(1 - torch.erf(_GRID / math.sqrt(2)) ** n, _GRID).item()  # tail < 1e-30
+
+
+def predicted_code_usage(blocksize=NF4_BLOCKSIZE, quant_type="nf4", absmax=None):
+    """How often each code is used on N(0, 1) weights quantized in blocks: (16,) float64 by code.
+
+    With ``absmax=None``, each block is scaled by its own absmax M, the largest of ``blocksize``
+    values |z| (density n 2 phi(m) (2 Phi(m) - 1)^(n - 1)). The largest value lands on level +1
+    or -1; the other n - 1 are normal values with |z| < M, and a code's share is the chance that
+    z / M falls between its decision thresholds, averaged over M. With ``absmax=a`` (in standard
+    deviations) every block is scaled by a instead, and values beyond a clip to the end levels.
+    """
+    n = _positive_int("blocksize", blocksize)
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    levels, level_codes = _encoding(_CODEBOOKS[quant_type]())
+    levels = levels.double()
+    thresholds = (levels[:-1] + levels[1:]) / 2  # decisions between neighbours, in units of absmax
+    one = torch.ones(1, dtype=torch.float64)
+    if absmax is None:
+        m = _GRID[1:]  # M > 0
+        inside = torch.erf(m / math.sqrt(2))  # P(|z| < m), (G,)
+        density = n * 2 * torch.exp(-(m**2) / 2) / math.sqrt(2 * math.pi) * inside ** (n - 1)
+        cdf = _normal_cdf(m[:, None] * torch.cat([-one, thresholds, one]))  # (G, levels + 1)
+        given_m = (cdf[:, 1:] - cdf[:, :-1]) / inside[:, None]  # a non-maximal value, (G, levels)
+        share = (n - 1) / n * torch.trapezoid(density[:, None] * given_m, m, dim=0)
+        for end in (-one, one):  # the block's largest value is its absmax: +1 or -1, even odds
+            share[_nearest(end, levels)] += 0.5 / n
+    else:
+        ok = isinstance(absmax, numbers.Real) and not isinstance(absmax, bool)
+        if not ok or not math.isfinite(absmax) or absmax <= 0:
+            raise ValueError(
+                f"absmax must be None or a positive number of standard deviations, got {absmax!r}"
+            )
+        inf = torch.full((1,), math.inf, dtype=torch.float64)
+        cdf = _normal_cdf(absmax * torch.cat([-inf, thresholds, inf]))
+        share = cdf[1:] - cdf[:-1]
+    usage = torch.zeros(16, dtype=torch.float64)
+    return usage.index_add_(0, level_codes.long(), share)
 
 
 # ----------------------------------------------------------------------------- QLoRA layer
@@ -494,14 +608,20 @@ class QLoRALinear(nn.Module):
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     @torch.no_grad()
-    def merged_linear(self):
+    def merged_linear(self, requantize=False):
         """A new, frozen float ``nn.Linear`` holding dequant(W) + scaling * B @ A (compute_dtype).
 
         Unlike ``LoRALinear.merge()``, which adds the update to its float weight in place, the
-        4-bit base cannot take the update: it is dequantized into a new layer (re-quantizing
-        the sum would lose much of the update; see requantize_error). ``merge_lora`` uses it.
+        4-bit base cannot take the update: it is dequantized into a new layer. With
+        ``requantize=True`` the merged weight is rounded back to NF4 first (this layer's block
+        size and double quantization) and returned dequantized: what PEFT's ``merge_and_unload()``
+        stores for a bitsandbytes 4-bit layer, and what the update loses there (requantize_error).
+        ``merge_lora`` uses the exact merge.
         """
+        boolean("requantize", requantize)
         merged = self.weight.dequantize(torch.float32) + self.delta_weight().float()
+        if requantize:
+            merged = quantize_nf4(merged, self.blocksize, self.double_quant).dequantize()
         linear = nn.Linear(
             self.in_features,
             self.out_features,
@@ -518,8 +638,9 @@ class QLoRALinear(nn.Module):
     def requantize_error(self):
         """||NF4(W') - W'|| / ||dW|| for the merged weight W' = dequant(W) + dW.
 
-        How large the noise of re-quantizing the merged weight is next to the update it
-        should carry: near or above 1, the fine-tuning is mostly lost in that noise.
+        How large the noise of re-quantizing the merged weight (``merged_linear(requantize=True)``,
+        PEFT's merge into a 4-bit layer) is next to the update it should carry: near or above 1,
+        the fine-tuning is mostly lost in that noise.
         """
         delta = self.delta_weight().float()
         update_norm = delta.norm()

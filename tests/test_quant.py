@@ -13,6 +13,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # before the import
 
+import bitsandbytes.functional as bnb_f  # noqa: E402  (required: a broken install fails, not skips)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -21,18 +22,23 @@ import lora_lab  # noqa: E402
 from lora_lab.quant import (  # noqa: E402
     DQ_BLOCKSIZE,
     NF4_OFFSET,
+    QUANT_TYPES,
     QLoRALinear,
+    code_usage,
     dynamic_map,
+    e2m1_codebook,
+    expected_absmax,
     fp4_codebook,
     int4_codebook,
+    nf4_assumed_absmax,
     nf4_codebook,
+    predicted_code_usage,
     quantize_4bit,
+    quantize_e2m1,
     quantize_fp4,
     quantize_int4,
     quantize_nf4,
 )
-
-bnb_f = pytest.importorskip("bitsandbytes.functional")
 
 
 @pytest.fixture(autouse=True)
@@ -82,16 +88,21 @@ def test_dynamic_map_equals_bitsandbytes():
     assert ours.shape == (256,) and torch.equal(ours, bnb_f.create_dynamic_map())
 
 
-def test_fp4_codebook_is_e2m1_and_differs_from_bitsandbytes_only_in_its_subnormal():
-    ours = fp4_codebook()
+def test_fp4_codebook_equals_bitsandbytes_table():
+    ours, theirs = fp4_codebook(), bnb_f.get_4bit_type("fp4", device="cpu")
+    assert torch.equal(ours, theirs)
+    assert torch.equal(torch.signbit(ours), torch.signbit(theirs))  # code 8 is +0.0 in both
+
+
+def test_e2m1_codebook_is_the_ocp_grid_and_differs_from_fp4_only_in_its_subnormal():
+    ours = e2m1_codebook()
     magnitudes = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6]) / 6
     assert torch.equal(ours[:8], magnitudes) and torch.equal(ours[8:], -magnitudes)
-    theirs = bnb_f.get_4bit_type("fp4", device="cpu")
-    ours_sorted, theirs_sorted = ours.sort().values, theirs.sort().values
-    differs = ~torch.isclose(ours_sorted, theirs_sorted, atol=1e-4, rtol=0)
+    e2m1, fp4 = ours.sort().values, fp4_codebook().sort().values
+    differs = ~torch.isclose(e2m1, fp4, atol=1e-4, rtol=0)
     # bitsandbytes' smallest non-zero FP4 magnitude is 1/192, e2m1's is 1/12
-    assert ours_sorted[differs].abs().tolist() == pytest.approx([1 / 12, 1 / 12])
-    assert theirs_sorted[differs].abs().tolist() == pytest.approx([1 / 192, 1 / 192])
+    assert e2m1[differs].abs().tolist() == pytest.approx([1 / 12, 1 / 12])
+    assert fp4[differs].abs().tolist() == pytest.approx([1 / 192, 1 / 192])
 
 
 def test_int4_codebook_is_symmetric_sevenths():
@@ -322,14 +333,12 @@ def _rmse(q, w):
     return (q.dequantize() - w).pow(2).mean().sqrt().item()
 
 
-def test_nf4_beats_int4_and_fp4_on_normal_weights():
+def test_nf4_beats_every_other_format_on_normal_weights():
     w = torch.randn(256, 256, generator=torch.Generator().manual_seed(8))
-    err = {
-        name: _rmse(f(w), w)
-        for name, f in [("nf4", quantize_nf4), ("int4", quantize_int4), ("fp4", quantize_fp4)]
-    }
+    err = {name: _rmse(quantize_4bit(w, 64, name), w) for name in QUANT_TYPES}
     print("rmse on N(0, 1) weights, blocksize 64:", err)
-    assert err["nf4"] < err["fp4"] and err["nf4"] < err["int4"]
+    assert all(err["nf4"] < err[name] for name in QUANT_TYPES if name != "nf4")
+    assert err["e2m1"] < err["fp4"]  # bitsandbytes' 1/192 level is almost a second zero
 
 
 def test_int4_rounds_to_the_nearest_seventh():
@@ -342,22 +351,32 @@ def test_int4_rounds_to_the_nearest_seventh():
     assert signed.min() >= -7 and signed.max() <= 7
 
 
-def test_fp4_picks_the_nearest_e2m1_value_and_equals_bitsandbytes_above_its_subnormal():
+def test_e2m1_picks_the_nearest_e2m1_value():
     w = torch.randn(128, 64, generator=torch.Generator().manual_seed(10))
-    q = quantize_fp4(w)
+    q = quantize_e2m1(w)
     scaled = w.view(-1, 64) / q.absmax[:, None]
-    levels = fp4_codebook().unique()
+    levels = e2m1_codebook().unique()
     nearest = levels[(scaled.reshape(-1, 1) - levels).abs().argmin(1)].view(-1, 64)
     torch.testing.assert_close(q.dequantize().view(-1, 64), nearest * q.absmax[:, None])
-    # bitsandbytes' fp4 differs below 1/8 of absmax (its subnormal is 1/192, ours 1/12)
-    _, _, theirs = bnb_roundtrip(w.reshape(-1), 64, quant_type="fp4")
-    above = scaled.reshape(-1).abs() > 0.125
-    assert torch.equal(q.dequantize().reshape(-1)[above], theirs.reshape(-1)[above])
+    assert (q.codes != 8).all()  # code 8 is -0.0: +0.0 (code 0) takes every zero
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_fp4_equals_bitsandbytes_bit_for_bit(blocksize):
+    w = torch.randn(96, 64, generator=torch.Generator().manual_seed(10))
+    w.view(-1)[:5] = torch.tensor([0.0, 1e-6, -1e-6, 0.0026, -0.0026]) * w.abs().max()  # tiny ones
+    q = quantize_fp4(w.reshape(-1), blocksize)
+    packed, state, theirs = bnb_roundtrip(w.reshape(-1), blocksize, quant_type="fp4")
+    assert torch.equal(q.packed, packed) and torch.equal(q.absmax, state.absmax)
+    # bitsandbytes' CPU dequantize kernel depends on the instruction set: a tolerance
+    torch.testing.assert_close(q.dequantize(), theirs, rtol=1e-6, atol=0)
+    used = set(q.codes.tolist())
+    assert {0, 8} <= used  # both zeros: tiny negative values take code 0, tiny positive code 8
 
 
 def test_every_format_keeps_device_shape_and_dtype():
     w = torch.randn(3, 40, dtype=torch.bfloat16)
-    for quant_type in ("nf4", "fp4", "int4"):
+    for quant_type in QUANT_TYPES:
         q = quantize_4bit(w, 32, quant_type, double_quant=True)
         out = q.dequantize()
         assert out.shape == w.shape and out.dtype == w.dtype and out.device == w.device
@@ -411,6 +430,82 @@ def test_bad_quant_type_and_flag():
         quantize_4bit(torch.randn(64), 64, "nf8")
     with pytest.raises(TypeError, match="double_quant must be True or False, got 1"):
         quantize_nf4(torch.randn(64), 64, double_quant=1)
+
+
+# ----------------------------------------------------------------------------- code usage
+
+
+def test_code_usage_counts_codes():
+    q = quantize_nf4(torch.tensor([1.0, -1.0, 0.0, 0.0]), blocksize=4)
+    usage = code_usage(q)
+    assert usage.dtype == torch.float64 and usage.shape == (16,)
+    assert usage[15] == 0.25 and usage[0] == 0.25 and usage[7] == 0.5 and usage.sum() == 1
+    with pytest.raises(TypeError, match="q must be a QuantizedTensor"):
+        code_usage(torch.zeros(4))
+
+
+def test_nf4_assumes_an_absmax_of_its_largest_quantile():
+    assumed = nf4_assumed_absmax()
+    assert assumed == pytest.approx(1.8481, abs=1e-4)
+    # scaled by that absmax, each positive NF4 level is its normal quantile again
+    pos_p = torch.linspace(NF4_OFFSET, 0.5, 9, dtype=torch.float64)[:-1]
+    quantiles = torch.special.ndtri(pos_p).flip(0)
+    torch.testing.assert_close(nf4_codebook()[8:].double() * assumed, quantiles, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 16, 64, 256])
+def test_expected_absmax_is_the_mean_largest_abs_of_n_normals(n):
+    z = torch.randn(400_000 // n + 1000, n, generator=torch.Generator().manual_seed(n))
+    simulated = z.abs().amax(dim=1).mean().item()
+    assert expected_absmax(n) == pytest.approx(simulated, rel=0.01)
+    if n == 1:
+        assert expected_absmax(1) == pytest.approx(math.sqrt(2 / math.pi), rel=1e-7)  # E|z|
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("blocksize", [16, 64])
+def test_predicted_code_usage_matches_a_simulation(quant_type, blocksize):
+    z = torch.randn(4_000_000 // blocksize, blocksize, generator=torch.Generator().manual_seed(2))
+    measured = code_usage(quantize_4bit(z.reshape(-1), blocksize, quant_type))
+    predicted = predicted_code_usage(blocksize, quant_type)
+    assert predicted.sum() == pytest.approx(1, abs=1e-9)
+    assert (predicted - measured).abs().max() < 1e-3
+
+
+def test_predicted_code_usage_at_a_fixed_absmax_clips_at_the_ends():
+    z = torch.randn(2_000_000, generator=torch.Generator().manual_seed(3))
+    levels = nf4_codebook()
+    codes = (torch.clamp(z / 1.85, -1, 1)[:, None] - levels).abs().argmin(1)
+    measured = torch.bincount(codes, minlength=16).double() / z.numel()
+    assert (predicted_code_usage(64, "nf4", absmax=1.85) - measured).abs().max() < 1e-3
+
+
+def test_nf4_codes_are_unequal_because_the_absmax_is_larger_than_assumed():
+    at_absmax = predicted_code_usage(64, "nf4")
+    at_assumed = predicted_code_usage(64, "nf4", absmax=nf4_assumed_absmax())
+    assert expected_absmax(64) > 1.35 * nf4_assumed_absmax()
+    assert at_absmax.max() / at_absmax.min() > 4  # the middle codes crowd, the outer ones starve
+    assert at_assumed.max() / at_assumed.min() < 1.3  # near-equal at the scale NF4 assumes
+    assert predicted_code_usage(16, "nf4").min() > at_absmax.min()  # smaller blocks: more even
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"blocksize": 0}, "blocksize must be a positive int"),
+        ({"blocksize": 64.0}, "blocksize must be a positive int"),
+        ({"quant_type": "nf8"}, "quant_type must be one of"),
+        ({"absmax": 0}, "absmax must be None or a positive number"),
+        ({"absmax": float("nan")}, "absmax must be None or a positive number"),
+        ({"absmax": True}, "absmax must be None or a positive number"),
+    ],
+)
+def test_predicted_code_usage_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        predicted_code_usage(**kw)
+    if "blocksize" in kw:
+        with pytest.raises(ValueError, match=match):
+            expected_absmax(kw["blocksize"])
 
 
 # ----------------------------------------------------------------------------- QLoRALinear
@@ -524,10 +619,54 @@ def test_requantizing_a_merged_weight_loses_a_small_update():
             layer.lora_B.weight.normal_(0, std)
         ratio = layer.requantize_error()
         merged = layer.merged_linear().weight
-        requantized = quantize_nf4(merged, double_quant=True).dequantize()
+        requantized = layer.merged_linear(requantize=True).weight
+        torch.testing.assert_close(
+            requantized, quantize_nf4(merged, double_quant=True).dequantize(), atol=0, rtol=0
+        )
         manual = ((requantized - merged).norm() / layer.delta_weight().norm()).item()
         assert ratio == pytest.approx(manual, rel=1e-6)
         assert (ratio >= 1) == lost  # a small update drowns in the re-quantization noise
+    with pytest.raises(TypeError, match="requantize must be True or False"):
+        layer.merged_linear(requantize="yes")
+
+
+def test_peft_merge_and_unload_on_a_4bit_layer_is_the_requantized_merge():
+    """PEFT dequantizes, adds B A, and quantizes again: lora_lab's merged_linear(requantize=True)."""
+    import warnings
+
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(21)
+    base = nn.Linear(128, 64, bias=False)
+    model = nn.Sequential()
+    model.add_module("proj", bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32,
+                                               compress_statistics=True, quant_type="nf4"))  # fmt: skip
+    model.proj.weight = bnb.nn.Params4bit(base.weight.detach().clone(), requires_grad=False,
+                                          compress_statistics=True, quant_type="nf4")  # fmt: skip
+    model = model.to("cpu")  # quantizes the weight
+    model.is_loaded_in_4bit = True  # what transformers sets: PEFT then wraps bitsandbytes' layer
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    layer = QLoRALinear(base, rank=4, alpha=8, double_quant=True)
+    with torch.no_grad():
+        peft_layer = peft_model.base_model.model.proj
+        peft_layer.lora_B["default"].weight.normal_(0, 0.05)
+        layer.lora_A.weight.copy_(peft_layer.lora_A["default"].weight)
+        layer.lora_B.weight.copy_(peft_layer.lora_B["default"].weight)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Merge lora module to 4-bit linear")
+        merged = peft_model.merge_and_unload()
+    assert isinstance(merged.proj, bnb.nn.Linear4bit)  # still 4-bit
+    w = merged.proj.weight
+    theirs = bnb_f.dequantize_4bit(w.data, w.quant_state).float()
+    exact, ours = layer.merged_linear().weight, layer.merged_linear(requantize=True).weight
+    update = layer.delta_weight().norm()
+    # the same re-quantized weight, up to the few 8-bit block constants bitsandbytes codes differently
+    assert ((theirs - ours).norm() / update).item() < 0.05
+    assert ((theirs - exact).norm() / update).item() == pytest.approx(
+        layer.requantize_error(), rel=0.05
+    )
+    assert layer.requantize_error() > 0.05  # and that is not the exact merge
 
 
 def test_qlora_with_a_bfloat16_base_keeps_lora_in_float32():
