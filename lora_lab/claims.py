@@ -87,14 +87,24 @@ def _bounds(claimed):
     return low, high
 
 
+def worst(verdicts):
+    """The worst of several verdicts on one claim (wrong, then loose, then holds)."""
+    verdicts = list(verdicts)
+    for v in verdicts:
+        if v not in (HOLDS, LOOSE, WRONG):
+            raise ValueError(f"verdicts must be holds, loose or wrong, got {v!r}")
+    if not verdicts:
+        raise ValueError("verdicts must hold at least one verdict, got none")
+    return max(verdicts, key=(HOLDS, LOOSE, WRONG).index)
+
+
 def judge_sweep(values, claimed, *, rel_tol=REL_TOL, loose_factor=LOOSE_FACTOR):
     """The verdict of ``judge`` at the worst of ``values``: a claim about "typical" settings,
     checked at every setting the lesson itself names, holds only if it holds at all of them."""
     values = list(values)
     if not values:
         raise ValueError("values must hold at least one computed value, got none")
-    verdicts = [judge(v, claimed, rel_tol=rel_tol, loose_factor=loose_factor) for v in values]
-    return max(verdicts, key=(HOLDS, LOOSE, WRONG).index)
+    return worst(judge(v, claimed, rel_tol=rel_tol, loose_factor=loose_factor) for v in values)
 
 
 def judge_count(value, claimed):
@@ -240,7 +250,7 @@ class ClaimTable:
         if not rows:
             raise ValueError("no claim has both a claimed value and computed values to plot")
         if ax is None:
-            _, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.2))
+            _, ax = plt.subplots(figsize=(11, 0.34 * len(rows) + 1.4))
         ratios = [v / _claimed_ref(c.claimed) for c in rows for v in c.values]
         lo, hi = min(ratios + [0.5]) / 1.5, max(ratios + [2.0]) * 1.5
         for i, c in enumerate(rows):
@@ -306,4 +316,5 @@ __all__ = [
     "judge_statement",
     "judge_sweep",
     "source_name",
+    "worst",
 ]
