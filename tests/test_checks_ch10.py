@@ -144,3 +144,66 @@ def test_energy_rank_rejects_bad_input():
         check.energy_rank(2, spectrum_layer(), share=1.5)
     with pytest.raises(ValueError, match="update is zero"):
         check.energy_rank(2, LoRALinear(nn.Linear(8, 8), rank=2))
+
+
+# Exercise 4 (code): the amplification factor of section 6
+
+
+def right_amplification(W, delta, r):
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    return torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(U[:, :r].T @ W @ Vh[:r].T)
+
+
+def test_amplification_factor_right_answer_passes():
+    result = check.amplification_factor(right_amplification)
+    assert result.correct and "all 5 cases" in result.message
+
+
+def test_amplification_factor_unanswered():
+    def todo(W, delta, r):
+        raise NotImplementedError
+
+    assert "No answer yet" in check.amplification_factor(todo).message
+    assert "No answer yet" in check.amplification_factor(None).message
+
+
+@pytest.mark.parametrize(
+    "wrong, case",
+    [
+        # every singular direction of delta, not the top r: a rank-2 update at r = 1 differs
+        (
+            lambda W, delta, r: (
+                delta.norm() / (lambda U, S, Vh: (U.T @ W @ Vh.T).norm())(*torch.linalg.svd(delta))
+            ),
+            "case 1 of 5",
+        ),
+        # the inverse ratio: 2.5 instead of 0.4 on the first case
+        (lambda W, delta, r: 1 / right_amplification(W, delta, r), "case 1 of 5"),
+        # W's own top directions instead of delta's: right only when they coincide (case 1)
+        (lambda W, delta, r: right_amplification(W, W, r) * delta.norm() / W.norm(), "case 2 of 5"),
+        # the right-singular vectors taken as columns of Vh instead of rows
+        (
+            lambda W, delta, r: (
+                lambda U, S, Vh: delta.norm() / (U[:, :r].T @ W @ Vh[:, :r]).norm()
+            )(*torch.linalg.svd(delta)),
+            "case 3 of 5",
+        ),
+        # the left vectors on both sides: U^T W U
+        (
+            lambda W, delta, r: (
+                lambda U, S, Vh: delta.norm() / (U[:, :r].T @ W @ U[:, :r]).norm()
+            )(*torch.linalg.svd(delta)),
+            "case 4 of 5",
+        ),
+    ],
+)
+def test_amplification_factor_typical_slips_fail_naming_the_case(wrong, case):
+    result = check.amplification_factor(wrong)
+    assert not result.correct and case in result.message, result.message
+    assert "Expected" in result.message or "raised" in result.message
+
+
+def test_amplification_factor_hand_values():
+    """The hand-worked expectations: 2/5, 3/0.5, sqrt(10)/4, 2/0.5."""
+    cases = check._amplification_cases()
+    assert [round(e, 6) for _, _, e in cases[:4]] == [0.4, 6.0, round(math.sqrt(10) / 4, 6), 4.0]

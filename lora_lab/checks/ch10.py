@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from lora_lab.checks import Result, check_number, unanswered
+from lora_lab.checks import Result, check_function, check_number, unanswered
 
 
 def _is_number(x):
@@ -175,3 +175,63 @@ def energy_rank(answer, layer, share=0.9):
             f"(they hold {running[answer - 1]:.1%}).",
         )
     return Result(False, f"{answer} is not a number of directions between 1 and {running.numel()}.")
+
+
+def _amplification_cases():
+    """(label, kwargs, expected) for the amplification-factor exercise; expected by hand or, for
+    the random case, by lora_lab.updates (whose hand-checked tests are tests/test_updates.py)."""
+    from lora_lab.updates import amplification_factor
+
+    def unit(i, d=6):
+        e = torch.zeros(d, 1, dtype=torch.float64)
+        e[i] = 1.0
+        return e
+
+    W = torch.diag(torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64))
+    skew = W.clone()
+    skew[0, 2] = 0.5  # W also acts from input 2 into output 0
+    gen = torch.Generator().manual_seed(0)
+    W_rect = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    delta_rect = torch.randn(5, 3, generator=gen, dtype=torch.float64) @ torch.randn(
+        3, 8, generator=gen, dtype=torch.float64
+    )
+    return [
+        (
+            "an update along W's strongest direction",
+            {"W": W, "delta": 2 * unit(0) @ unit(0).T, "r": 1},
+            0.4,
+        ),
+        (
+            "an update along W's weakest direction",
+            {"W": W, "delta": 3 * unit(5) @ unit(5).T, "r": 1},
+            6.0,
+        ),
+        (
+            "a rank-2 update, r = 1 keeps its top direction only",
+            {"W": W, "delta": 3 * unit(1) @ unit(1).T + unit(4) @ unit(4).T, "r": 1},
+            math.sqrt(10) / 4,
+        ),
+        (
+            "an update from input 2 into output 0",
+            {"W": skew, "delta": 2 * unit(0) @ unit(2).T, "r": 1},
+            4.0,
+        ),
+        (
+            "a random rank-3 update of a 5 x 8 weight",
+            {"W": W_rect, "delta": delta_rect, "r": 3},
+            amplification_factor(W_rect, delta_rect, 3),
+        ),
+    ]
+
+
+def amplification_factor(fn):
+    """Exercise 4: the learner's ``fn(W, delta, r)``, the amplification factor of section 6,
+    run on cases whose answers are known; the first wrong case is reported."""
+    return check_function(
+        fn,
+        _amplification_cases(),
+        what="amplification_factor(W, delta, r)",
+        why="||delta||_F / ||U^T W V||_F compares the update with what W already does along the "
+        "update's own top r singular directions: large when the update pushes where W is weak.",
+        atol=1e-6,
+    )
