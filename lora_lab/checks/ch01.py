@@ -3,8 +3,8 @@
 import math
 import re
 
-from lora_lab.checks import Result, check_number, unanswered
-from lora_lab.estimate import GB, PRECISIONS, GiB, estimate_memory
+from lora_lab.checks import Result, check_function, check_number, unanswered
+from lora_lab.estimate import GB, PRECISIONS, GiB, _trainable_bytes, estimate_memory
 from lora_lab.specs import PRESETS
 
 
@@ -92,12 +92,16 @@ def full_finetune_gb(answer, model="llama-2-13b", precision="fp16"):
 
 
 def lora_share(answer, model="llama-2-7b", rank=16):
-    """Exercise 2: LoRA parameters on q/k/v/o at ``rank``, in percent of the base model's."""
+    """Exercise 2: the trainable share of LoRA on q/k/v/o at ``rank``, in percent.
+
+    The course's one definition, PEFT's ``print_trainable_parameters``: trainable parameters
+    over all parameters, the adapters included (``lora_lab.lora.count_parameters`` gives both).
+    """
     _check_rank(rank)
     spec = _preset(model)
     n = spec.num_parameters()
     lora = spec.lora_parameters(rank)
-    expected = 100 * lora / n
+    expected = 100 * lora / (n + lora)
     layers = spec.linear_layers()
     qv = (
         sum(
@@ -107,25 +111,27 @@ def lora_share(answer, model="llama-2-7b", rank=16):
         )
         * spec.num_layers
     )
+    r8 = spec.lora_parameters(8)
     slips = [
-        (lora / n, "that is a fraction; the exercise asks for a percentage (times 100)."),
+        (lora / (n + lora), "that is a fraction; the exercise asks for a percentage (times 100)."),
         (
-            100 * lora / (n + lora),
-            "you divided by base + adapters (as PEFT's print_trainable_parameters does); "
-            "the exercise divides by the base model's parameters.",
+            100 * lora / n,
+            "you divided by the base model's parameters alone; the trainable share (PEFT's "
+            "print_trainable_parameters, and this course) divides by all parameters, base + "
+            "adapters.",
         ),
-        (100 * spec.lora_parameters(8) / n, f"that is rank 8; the exercise asks rank {rank}."),
-        (100 * qv / n, "that is q_proj and v_proj only; the exercise adapts q, k, v and o."),
+        (100 * r8 / (n + r8), f"that is rank 8; the exercise asks rank {rank}."),
+        (100 * qv / (n + qv), "that is q_proj and v_proj only; the exercise adapts q, k, v and o."),
     ]
     return _check(
         answer,
         expected,
         slips,
-        what=f"the LoRA share of {model} at rank {rank} on q/k/v/o (percent)",
+        what=f"the trainable share of {model} with LoRA at rank {rank} on q/k/v/o (percent)",
         why=f"{lora:,} LoRA parameters (r * (d_in + d_out) per layer, 4 layers in each of "
-        f"{spec.num_layers} blocks) against {n:,} in the base model.",
-        hint="each adapted layer adds r * (d_in + d_out); there are 4 per block; divide by the "
-        "base model's parameter count and multiply by 100.",
+        f"{spec.num_layers} blocks) out of {n + lora:,}: the base's {n:,} and the adapters.",
+        hint="each adapted layer adds r * (d_in + d_out); there are 4 per block; divide by all "
+        "parameters (base + adapters) and multiply by 100.",
         rel_tol=2e-3,
     )
 
@@ -180,3 +186,57 @@ def qlora_weight_gb(answer, model="llama-2-7b", precision="bf16"):
 def _check_rank(rank):
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
+
+
+# ----------------------------------------------------------------------------- code exercise
+
+_CONFIGS = [  # (label, numels, precision, optimizer, convention)
+    ("two tensors", [1000, 10], "fp32", "adamw", "lesson"),
+    ("two tensors", [1000, 10], "bf16", "adamw", "lesson"),
+    ("two tensors", [1000, 10], "bf16", "adamw", "mixed"),
+    ("two tensors", [1000, 10], "fp32", "adamw", "mixed"),
+    ("two tensors", [1000, 10], "fp16", "sgd_momentum", "mixed"),
+    ("two tensors", [1000, 10], "fp16", "sgd", "lesson"),
+    ("Llama-2-7B", "llama-2-7b", "bf16", "adamw", "mixed"),
+    ("GPT-2", "gpt2", "fp32", "sgd_momentum", "lesson"),
+]
+
+
+def full_state_bytes(fn):
+    """Code exercise: ``fn(numels, precision, optimizer, convention)`` gives the bytes of full
+    fine-tuning's weights, gradients, fp32 master weights and optimizer states.
+
+    Run on several set-ups, each against ``lora_lab.estimate`` (``estimate_memory`` for a
+    preset's tensors): fp32, bf16 and fp16; AdamW (two states and a 4-byte step counter per
+    tensor), SGD with momentum (one state), plain SGD; the lesson's and mixed conventions.
+    """
+    cases = []
+    for label, numels, precision, optimizer, convention in _CONFIGS:
+        if isinstance(numels, str):
+            spec = PRESETS[numels]
+            est = estimate_memory(
+                spec,
+                "full",
+                precision=precision,
+                optimizer=optimizer,
+                convention=convention,
+                activations=False,
+            )
+            expected = est.weights + est.gradients + est.master_weights + est.optimizer_states
+            numels = [math.prod(s) for s in spec.parameter_shapes().values()]
+            label = f"{label}'s {len(numels)} tensors"
+        else:
+            expected = sum(_trainable_bytes(numels, PRECISIONS[precision], optimizer, convention))
+        kwargs = dict(
+            numels=numels, precision=precision, optimizer=optimizer, convention=convention
+        )
+        cases.append((f"{label}, {precision}, {optimizer}, {convention}", kwargs, expected))
+    return check_function(
+        fn,
+        cases,
+        what="your full_state_bytes",
+        why="per parameter: the weight and its gradient at the precision; under 'mixed' a "
+        "16-bit weight adds a 4-byte master copy and the optimizer's states are fp32 (under "
+        "'lesson' they are at the precision); AdamW keeps 2 states per parameter and a 4-byte "
+        "step counter per tensor, SGD with momentum 1 state, SGD none.",
+    )

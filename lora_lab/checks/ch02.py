@@ -2,8 +2,8 @@
 
 import torch
 
-from lora_lab.checks import Result, check_number, unanswered
-from lora_lab.lowrank import energy_captured, sample_image
+from lora_lab.checks import Result, check_function, check_number, unanswered
+from lora_lab.lowrank import energy_captured, low_rank_approx, sample_image
 
 
 def lora_params(answer, d_out=11008, d_in=4096, r=16):
@@ -91,3 +91,44 @@ def rank_for_energy(answer, share=0.9):
         )
     side = "keeps less than" if answer < expected else "is not the smallest to reach"
     return Result(False, f"rank {answer} {side} {share:.0%} of the energy.")
+
+
+# ----------------------------------------------------------------------------- code exercise
+
+
+def _low_rank_cases():
+    """(label, M, r) for the code exercise: shapes, ranks and edge cases a learner can miss."""
+    g = torch.Generator().manual_seed(2)
+    lesson = torch.arange(1.0, 10.0, dtype=torch.float64).reshape(3, 3)  # rank 2
+    u, v = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(5, generator=g).double()
+    return [
+        ("a random 5x4 matrix", torch.randn(5, 4, generator=g, dtype=torch.float64), 2),
+        ("a random 3x6 matrix (wider than tall)", torch.randn(3, 6, generator=g).double(), 1),
+        ("the lesson's rank-2 matrix, r = 1", lesson, 1),
+        ("the lesson's rank-2 matrix, r = its rank", lesson, 2),
+        ("a rank-1 outer product, r = 3, above its rank", torch.outer(u, v), 3),
+        ("a random 4x4 matrix, r = 0 (keep nothing)", torch.randn(4, 4, generator=g).double(), 0),
+        (
+            "a random 6x6 matrix, r = 6 (keep everything)",
+            torch.randn(6, 6, generator=g).double(),
+            6,
+        ),
+    ]
+
+
+def best_rank_r(fn):
+    """Code exercise: ``fn(M, r)`` returns the best rank-``r`` approximation of ``M``.
+
+    Judged against ``lora_lab.low_rank_approx`` on random, non-square and rank-deficient
+    matrices, with ``r`` below, at and above the rank, 0 and full.
+    """
+    cases = [(label, {"M": M, "r": r}, low_rank_approx(M, r)) for label, M, r in _low_rank_cases()]
+    return check_function(
+        fn,
+        cases,
+        what="your best_rank_r",
+        why="keep the r largest singular values with their singular vectors: "
+        "U[:, :r] * S[:r] @ Vh[:r] (torch.linalg.svd sorts S from the largest, and Vh's rows "
+        "are the right singular vectors). At or above the rank, M comes back unchanged.",
+        atol=1e-6,
+    )
