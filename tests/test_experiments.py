@@ -11,11 +11,26 @@ import torch.nn.functional as F
 
 from lora_lab import GPT, CharTokenizer, GPTConfig, count_parameters, evaluate, get_task
 from lora_lab.experiments import (
+    LORA_METHODS,
+    METHODS,
     Run,
+    choose_lr,
+    chosen_lrs,
+    compare_plan,
     current_rss,
     finetune,
+    flop_ratio,
+    gap_over_seeds,
+    lesson_verdicts,
+    lr_ladder,
+    points_verdict,
+    read_compare,
     reset_peak_rss,
+    run_comparison,
     score,
+    seed_stats,
+    speed_summary,
+    training_step,
 )
 from lora_lab.training import IGNORE, encode_pairs, make_batch
 
@@ -151,3 +166,221 @@ def test_release_free_memory_returns_freed_heap_to_the_os():
     mib = 2**20
     assert kept > high - 8 * mib  # freed, yet still resident: the problem
     assert after < kept - 48 * mib  # trimmed: most of the 64 MiB went back to the OS
+
+
+# ---------------------------------------------------------------- over seeds and grids
+
+
+def test_seed_stats_agrees_with_statistics():
+    import statistics
+
+    values = [0.25, 0.5, 1.0]
+    got = seed_stats(values)
+    assert got["mean"] == pytest.approx(sum(values) / 3)
+    assert got["sd"] == pytest.approx(statistics.pstdev(values) * (3 / 2) ** 0.5)  # n-1
+    assert (got["min"], got["max"], got["n"]) == (0.25, 1.0, 3)
+    assert seed_stats([2.0])["sd"] == 0.0
+    for bad in ([], [float("nan")], ["1"], [True]):
+        with pytest.raises(ValueError, match="values must be"):
+            seed_stats(bad)
+
+
+def test_choose_lr_uses_the_mean_and_says_whether_it_is_bracketed():
+    # 2e-3 has the single lowest loss (a lucky seed) but 1e-3 the lowest mean
+    losses = {3e-3: [0.9, 0.8], 1e-3: [0.30, 0.32], 2e-3: [0.05, 0.9], 5e-4: [0.5, 0.6]}
+    assert choose_lr(losses) == (1e-3, True)  # keys unsorted: bracketed by value, not order
+    assert choose_lr({1e-3: [0.1], 2e-3: [0.2], 5e-3: [0.3]}) == (1e-3, False)  # the edge
+    assert choose_lr({1e-3: [0.3], 2e-3: [0.2], 5e-3: [None]}) == (2e-3, True)  # diverged
+    assert choose_lr({1e-3: [0.2], 2e-3: [0.2], 5e-3: [0.3]}) == (1e-3, False)  # tie: smaller
+    with pytest.raises(ValueError, match="losses must be a non-empty dict"):
+        choose_lr({})
+    with pytest.raises(ValueError, match=r"losses\[0.001\] must be a non-empty list"):
+        choose_lr({1e-3: []})
+
+
+def test_lr_ladder_steps_by_2_and_2_5_around_the_nearest_rung():
+    grid = lr_ladder(3e-4, 2, 2)
+    assert len(grid) == 5 and grid[2] in (2e-4, 5e-4)  # 3e-4 is not a rung; a neighbour is
+    ratios = [b / a for a, b in zip(grid[:-1], grid[1:], strict=True)]
+    assert all(r == pytest.approx(2) or r == pytest.approx(2.5) for r in ratios)
+    assert lr_ladder(1e-3, 1, 1) == [5e-4, 1e-3, 2e-3]
+    assert lr_ladder(5e-3, 0, 2) == [5e-3, 1e-2, 2e-2]
+
+
+def test_points_verdict_and_gap_over_seeds():
+    assert [points_verdict(g) for g in (-5, 2, 3.9, 4.1)] == ["holds", "holds", "loose", "wrong"]
+    full, lora = seed_stats([90.0, 94.0]), seed_stats([80.0, 88.0])
+    gap, se = gap_over_seeds(full, lora)
+    assert gap == pytest.approx(8.0)
+    assert se == pytest.approx(((8 / 2) + (32 / 2)) ** 0.5)  # sd^2: 8 and 32, n = 2 each
+
+
+# ---------------------------------------------------------------- speed
+
+
+@pytest.mark.parametrize(
+    "targets", [["q_proj", "k_proj", "v_proj", "o_proj"], ["v_proj"], "all-linear"]
+)
+def test_flop_ratio_equals_torchs_flop_count(base, targets):
+    """PyTorch's FlopCounterMode counts the matrix products of a real forward and backward."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_lab import ModelSpec, apply_lora
+
+    def matmul_flops(model):
+        x = torch.randint(0, TINY.vocab_size, (2, 12))
+        with FlopCounterMode(display=False) as counter:
+            model(x).sum().backward()
+        ops = counter.get_flop_counts()["Global"]
+        return sum(v for op, v in ops.items() if str(op) in ("aten.mm", "aten.addmm", "aten.bmm"))
+
+    full = matmul_flops(copy.deepcopy(base).requires_grad_(True))
+    lora = matmul_flops(apply_lora(copy.deepcopy(base), rank=4, target_modules=targets))
+    spec = ModelSpec.from_model(base)
+    assert flop_ratio(spec, {"rank": 4, "target_modules": targets}) == pytest.approx(lora / full)
+
+
+def test_flop_ratio_bad_input(base):
+    from lora_lab import ModelSpec
+
+    with pytest.raises(TypeError, match="spec must be a ModelSpec"):
+        flop_ratio(base, {"rank": 8})
+    with pytest.raises(TypeError, match="lora must be a dict"):
+        flop_ratio(ModelSpec.from_model(base), 8)
+
+
+def test_training_step_trains_only_what_requires_grad(base):
+    import copy
+
+    from lora_lab import apply_lora
+
+    model = apply_lora(copy.deepcopy(base), rank=2, alpha=4)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    step = training_step(model, "reverse3", 1e-2, 4)
+    losses = [step() for _ in range(6)]
+    assert losses[-1] < losses[0]  # the same batch each time: its loss falls
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert all(p.grad is None for p in model.parameters())  # zeroed after each step
+    with pytest.raises(ValueError, match="nothing to time"):
+        training_step(copy.deepcopy(base).requires_grad_(False), "reverse3", 1e-3, 4)
+
+
+def test_speed_summary_pairs_samples_and_checks_the_bound():
+    seconds = {"full": [1.0, 2.0, 1.0], "lora": [0.9, 1.6, 0.95], "fast": [0.5, 1.0, 0.5]}
+    got = speed_summary(seconds, {"lora": 0.7, "fast": 0.7})
+    assert got["lora"]["ratio"] == pytest.approx(0.9)  # median of 0.9, 0.8, 0.95
+    assert got["lora"]["consistent"] and not got["fast"]["consistent"]  # 0.5 < 0.7: impossible
+    assert got["lora"]["seconds"] == 0.95 and got["lora"]["reference_seconds"] == 1.0
+    with pytest.raises(ValueError, match="includes 'full'"):
+        speed_summary({"lora": [1.0]}, {"lora": 0.7})
+    with pytest.raises(ValueError, match="no FLOP ratio for 'lora'"):
+        speed_summary(seconds, {"fast": 0.7})
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def _fake_results(exact, seeds=(0, 1, 2)):
+    """Results shaped like run_comparison's, built by hand: exact[task, method] per seed; the
+    training loss is lowest at each grid's middle rate, which is therefore the chosen one."""
+    grid = {"full": [1e-4, 1e-3, 1e-2], "LoRA attention": [1e-3, 1e-2, 1e-1]}
+    plan = {
+        "seeds": list(seeds),
+        "tasks": {
+            "close": {"role": "close", "metric": "exact"},
+            "far": {"role": "far", "metric": "exact"},
+        },
+        "methods": {"full": None, "LoRA attention": {"rank": 8}},
+        "lr_grid": grid,
+    }
+    runs = []
+    for (task, method), per_seed in exact.items():
+        for i, lr in enumerate(grid[method]):
+            for seed, value in zip(seeds, per_seed, strict=True):
+                runs.append({
+                    "part": "grid", "task": task, "method": method, "lr": lr, "seed": seed,
+                    "rank": None if method == "full" else 8, "diverged": False,
+                    "train_loss": 1.0 if i != 1 else 0.5, "test": {"exact": value if i == 1 else 0.0},
+                    "trainable": 1000 if method == "full" else 20,
+                    "state_bytes": 16_000 if method == "full" else 4_320, "rss_rise": 100 + seed,
+                })  # fmt: skip
+    speed = {"seconds": {"full": [1.0, 1.0, 1.0], "LoRA attention": [0.8, 0.85, 0.9]},
+             "flop_bound": {"LoRA attention": 0.7}}  # fmt: skip
+    return {"plan": plan, "runs": runs, "speed": speed, "model_params": 1000, "model_bytes": 4000}
+
+
+def test_lesson_verdicts_follow_the_numbers():
+    same, behind = [0.9, 0.92, 0.94], [0.8, 0.82, 0.84]
+    results = _fake_results({("close", "full"): same, ("close", "LoRA attention"): same,
+                             ("far", "full"): same, ("far", "LoRA attention"): behind})  # fmt: skip
+    assert chosen_lrs(results)["far", "full"] == (1e-3, True)
+    rows = {r["row"]: r for r in lesson_verdicts(results)}
+    assert [
+        rows[k]["value"] for k in ("Memory (weights, grads, optimizer)", "Adapter swapping")
+    ] == [16_000 / 4_320, 4 * 20 / 4000]
+    assert rows["Memory (weights, grads, optimizer)"]["verdict"] == "holds"  # 3.70: within 10%
+    assert rows["Memory (whole training run)"]["value"] == 1.0  # the same rise for both
+    assert rows["Training speed"]["value"] == pytest.approx(0.85)
+    assert rows["Training speed"]["verdict"] == "holds"
+    assert rows["Final performance (close)"]["value"] == pytest.approx(0.0)
+    assert rows["Final performance (close)"]["verdict"] == "holds"
+    assert rows["Final performance (far)"]["value"] == pytest.approx(10.0)
+    assert rows["Final performance (far)"]["verdict"] == "wrong"
+    assert rows["Task similarity"]["verdict"] == "holds"
+    assert "+/- 2.0" in rows["Final performance (far)"]["measured"]  # the seeds' sd, shown
+
+
+def test_lesson_verdicts_weigh_the_gap_against_seed_noise():
+    # LoRA 3 points behind on the far task on average, but the seeds scatter by 20 points
+    noisy_full, noisy_lora = [0.5, 0.9, 0.7], [0.87, 0.47, 0.67]
+    same = [0.9, 0.9, 0.9]
+    results = _fake_results({("close", "full"): same, ("close", "LoRA attention"): same,
+                             ("far", "full"): noisy_full, ("far", "LoRA attention"): noisy_lora})  # fmt: skip
+    rows = {r["row"]: r for r in lesson_verdicts(results)}
+    assert rows["Final performance (far)"]["value"] == pytest.approx(3.0)
+    assert rows["Task similarity"]["verdict"] == "loose"  # larger, but within the noise
+
+
+def test_lesson_verdicts_do_not_judge_a_timing_below_the_flop_bound():
+    same = [0.9, 0.9, 0.9]
+    results = _fake_results(
+        {(t, m): same for t in ("close", "far") for m in ("full", "LoRA attention")}
+    )
+    results["speed"]["seconds"]["LoRA attention"] = [0.5, 0.5, 0.5]  # below the bound of 0.7
+    row = lesson_verdicts(results)[2]
+    assert row["row"] == "Training speed" and row["verdict"].startswith("not judged")
+
+
+@pytest.mark.slow
+def test_run_comparison_runs_the_plan(base, tmp_path):
+    import json
+
+    plan = compare_plan(base, quick=True)
+    results = run_comparison(base, CharTokenizer(), plan)
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps(results))
+    results = read_compare(path)
+    grid = [r for r in results["runs"] if r["part"] == "grid"]
+    assert len(grid) == sum(len(v) for v in plan["lr_grid"].values()) * len(plan["tasks"])
+    for r in grid:
+        assert len(r["loss_curve"]) == plan["tasks"][r["task"]]["steps"]
+        mean = sum(r["loss_curve"]) / len(r["loss_curve"])  # the curve is shorter than 10 steps
+        assert r["train_loss"] == pytest.approx(mean, abs=1e-4)
+    ranks = {(r["method"], r["rank"]) for r in results["runs"] if r["part"] == "rank"}
+    assert ranks == {(m, 2) for m in LORA_METHODS}
+    assert set(results["speed"]["seconds"]) == set(METHODS)
+    assert set(chosen_lrs(results)) == {(t, m) for t in plan["tasks"] for m in METHODS}
+    assert {row["row"] for row in lesson_verdicts(results)} >= {"Training speed", "Task similarity"}
+
+
+def test_read_compare_names_a_bad_file(tmp_path):
+    assert read_compare(tmp_path / "absent.json") is None
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_compare(bad)
+    bad.write_text('{"runs": []}')
+    with pytest.raises(ValueError, match="missing"):
+        read_compare(bad)
