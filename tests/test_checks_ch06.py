@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lora_lab.checks import ch06 as check
-from lora_lab.quant import int4_codebook, nf4_codebook
+from lora_lab.quant import expected_absmax, nf4_assumed_absmax, nf4_codebook
 
 # ----------------------------------------------------------------------------- exercise 1
 
@@ -54,50 +54,102 @@ def test_dq_bits_bad_blocksize():
 # ----------------------------------------------------------------------------- exercise 2
 
 
-def test_exercise_block_is_fixed():
-    a, b = check.exercise_block(), check.exercise_block()
-    assert torch.equal(a, b) and a.shape == (16,) and a.dtype == torch.float32
-    assert a.abs().argmax() == 11 and a[11] == -0.09
+def test_exercise_blocks_are_fixed_and_cover_the_edge_cases():
+    a, b = check.exercise_blocks(), check.exercise_blocks()
+    assert [label for label, _ in a] == [label for label, _ in b]
+    assert all(
+        torch.equal(x, y) and x.dtype == torch.float32 for (_, x), (_, y) in zip(a, b, strict=True)
+    )
+    blocks = dict(a)
+    assert any((block == 0).all() for block in blocks.values())  # an all-zero block
+    assert any(
+        block.min() < 0 and block.abs().argmax() == block.argmin() for block in blocks.values()
+    )
+    assert any(block.abs().max() > 20 * block.abs().median() for block in blocks.values())
 
 
-def _by_hand(block, table):
-    """Nearest level of each value/absmax, in plain Python, times the absmax."""
+def _nearest_by_hand(block):
+    """Codes and absmax in plain Python: the nearest level of value/absmax, a tie to the lower."""
     absmax = max(abs(v) for v in block.tolist())
-    levels = table.tolist()
-    out = []
+    levels = nf4_codebook().tolist()
+    codes = []
     for v in block.tolist():
-        best = min(levels, key=lambda q: (abs(v / absmax - q), q))  # a tie: the lower level
-        out.append(best * absmax)
-    return torch.tensor(out)
+        scaled = v / absmax if absmax > 0 else 0.0
+        codes.append(min(range(16), key=lambda k: (abs(scaled - levels[k]), k)))
+    return torch.tensor(codes), absmax
 
 
-def test_nf4_block_right_answer():
-    block = check.exercise_block()
-    assert check.nf4_block(_by_hand(block, nf4_codebook())).correct
-    assert check.nf4_block(_by_hand(block, nf4_codebook()).double()).correct
+def _argmin_solution(block):
+    levels = nf4_codebook()
+    absmax = block.abs().max()
+    scaled = block / absmax.clamp(min=torch.finfo(torch.float32).tiny)
+    return (scaled[:, None] - levels).abs().argmin(dim=1), absmax.item()
+
+
+def _bucketize_solution(block):  # thresholds halfway between levels, absmax returned as a tensor
+    levels = nf4_codebook()
+    absmax = block.abs().max()
+    scaled = block * (1 / absmax) if absmax > 0 else torch.zeros_like(block)
+    return torch.bucketize(scaled, (levels[1:] + levels[:-1]) / 2).to(torch.uint8), absmax
+
+
+@pytest.mark.parametrize("solution", [_nearest_by_hand, _argmin_solution, _bucketize_solution])
+def test_nf4_quantize_block_accepts_right_solutions(solution):
+    result = check.nf4_quantize_block(solution)
+    assert result.correct, result.message
+
+
+def _no_guard(block):  # 0 / 0 is NaN: argmin then picks code 0, the level -1
+    levels = nf4_codebook()
+    absmax = block.abs().max()
+    return (block[:, None] / absmax - levels).abs().argmin(dim=1), absmax.item()
+
+
+def _max_not_absmax(block):  # block.max() misses a negative absmax
+    levels = nf4_codebook()
+    absmax = block.max()
+    return (block[:, None] / absmax - levels).abs().argmin(dim=1), absmax.item()
+
+
+def _int4_grid(block):  # sevenths instead of NF4's levels
+    absmax = block.abs().max()
+    return torch.round(block / absmax * 7).long() + 7, absmax.item()
+
+
+def _dequantized(block):  # the values, not the codes
+    codes, absmax = _argmin_solution(block)
+    return nf4_codebook()[codes] * absmax, absmax
 
 
 @pytest.mark.parametrize(
-    "slip, says", [("levels", "multiply each"), ("scaled", "before rounding"), ("int4", "int4")]
+    "wrong, case",
+    [
+        (_no_guard, "case 3 of 5 (an all-zero block"),
+        (_max_not_absmax, "case 2 of 5 (the largest |weight| is negative"),
+        (_int4_grid, "case 1 of 5 (64 normal weights"),
+        (_dequantized, "case 1 of 5 (64 normal weights"),
+        (lambda block: _argmin_solution(block)[0], "case 1 of 5"),  # forgot the absmax
+    ],
 )
-def test_nf4_block_names_the_slip(slip, says):
-    block = check.exercise_block()
-    absmax = block.abs().max()
-    answer = {
-        "levels": _by_hand(block, nf4_codebook()) / absmax,
-        "scaled": block / absmax,
-        "int4": _by_hand(block, int4_codebook()),
-    }[slip]
-    result = check.nf4_block(answer)
-    assert not result.correct and says in result.message
+def test_nf4_quantize_block_names_the_first_wrong_case(wrong, case):
+    result = check.nf4_quantize_block(wrong)
+    assert not result.correct and case in result.message and "Expected" in result.message
 
 
-def test_nf4_block_wrong_shape_values_and_unanswered():
-    right = _by_hand(check.exercise_block(), nf4_codebook())
-    assert not check.nf4_block(right + 1e-3).correct
-    assert not check.nf4_block(right[:8]).correct
-    assert not check.nf4_block(right.tolist()).correct
-    assert "No answer yet" in check.nf4_block(None).message
+def test_nf4_quantize_block_unanswered_and_not_a_function():
+    def stub(block):
+        raise NotImplementedError
+
+    assert "No answer yet" in check.nf4_quantize_block(stub).message
+    assert "No answer yet" in check.nf4_quantize_block(None).message
+    assert "should be a function" in check.nf4_quantize_block(3).message
+
+
+def test_nf4_quantize_block_reports_an_exception_as_a_case():
+    result = check.nf4_quantize_block(lambda block: block.reshape(3, -1))
+    assert (
+        not result.correct and "case 1 of 5" in result.message and "RuntimeError" in result.message
+    )
 
 
 # ----------------------------------------------------------------------------- exercise 3
@@ -162,3 +214,44 @@ def test_nf3_codebook_wrong_and_unanswered():
 def test_normal_float_codebook_bad_bits():
     with pytest.raises(ValueError, match="bits must be an int from 2 to 8"):
         check.normal_float_codebook(1)
+
+
+# ----------------------------------------------------------------------------- exercise 4
+
+
+def test_block_absmax_accepts_a_measurement():
+    blocks = torch.randn(100_000, 16, generator=torch.Generator().manual_seed(3))
+    measured = blocks.abs().amax(dim=1).mean().item()
+    assert check.block_absmax(measured).correct
+    assert check.block_absmax(torch.tensor(measured)).correct
+    big = torch.randn(20_000, 64, generator=torch.Generator().manual_seed(4))
+    assert check.block_absmax(big.abs().amax(dim=1).mean().item(), blocksize=64).correct
+
+
+@pytest.mark.parametrize(
+    "answer, says",
+    [
+        (2.596, "blocks of 64"),  # E[max |z|] over 64, not 16
+        (1.848, "assumed"),  # NF4's Phi^-1(p_max)
+        (1.766, "largest value"),  # E[max z] over 16: the signed maximum
+    ],
+)
+def test_block_absmax_names_the_slip(answer, says):
+    result = check.block_absmax(answer)
+    assert not result.correct and says in result.message
+
+
+def test_block_absmax_wrong_unanswered_and_bad_blocksize():
+    assert not check.block_absmax(2.2).correct  # 6% off
+    assert not check.block_absmax("2.08").correct
+    assert "No answer yet" in check.block_absmax(None).message
+    with pytest.raises(ValueError, match="blocksize must be an int of at least 2"):
+        check.block_absmax(2.0, blocksize=1)
+
+
+def test_the_slips_are_what_they_claim():
+    """E[max |z|] over 16 by simulation is the checker's value; the slips are other numbers."""
+    z = torch.randn(200_000, 16, generator=torch.Generator().manual_seed(5))
+    assert abs(z.abs().amax(1).mean().item() / expected_absmax(16) - 1) < 0.003
+    assert abs(z.amax(1).mean().item() / check._signed_max_mean(16) - 1) < 0.003
+    assert abs(nf4_assumed_absmax() - 1.8481) < 1e-4
