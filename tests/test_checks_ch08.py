@@ -1,59 +1,168 @@
 """Chapter 8's exercise checkers: right answers pass, named slips and wrong answers fail.
 
-Expected values are worked out by hand from the shipped model's shapes (4 blocks, d = 128,
-828,544 parameters) and from FLOP counts, not with the checkers' code.
+The right answers are measured independently of the checkers' formulas: bytes on the tensors
+of a real training step, FLOPs counted by PyTorch's FlopCounterMode on a real layer.
 """
 
+import copy
+import statistics
+
 import pytest
+import torch
 
+from lora_lab import apply_lora, count_parameters, load_pretrained, train
 from lora_lab.checks import ch08 as check
+from lora_lab.experiments import choose_lr
 
-N = 828_544  # the shipped GPT's parameters
-QV16 = 4 * 2 * 16 * (128 + 128)  # LoRA on q_proj and v_proj at rank 16: 32,768
-
-
-def test_shipped_model_is_the_one_worked_out_by_hand():
-    from lora_lab import load_pretrained
-
-    assert sum(p.numel() for p in load_pretrained(device="cpu").parameters()) == N
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def test_lora_state_bytes():
-    right = 4 * N + 16 * QV16
-    assert right == 3_838_464
-    assert check.lora_state_bytes(right).correct
-    assert check.lora_state_bytes(right + 4 * 32).correct  # AdamW's step counters: a rounding
-    assert check.lora_state_bytes(4 * N + 16 * 2 * QV16, rank=32).correct
-    assert not check.lora_state_bytes(right * 1.01).correct
+@pytest.fixture(scope="module")
+def shipped():
+    return load_pretrained(device="cpu")
+
+
+def state_bytes(base, lora):
+    """Bytes of weights, gradients and AdamW state after one real training step."""
+    model = copy.deepcopy(base)
+    if lora is None:
+        model.requires_grad_(True)
+    else:
+        apply_lora(model, **lora)
+    history = train(model, "butler", 1, 1e-3, 2, progress=False)
+    return history.memory["total"], model
+
+
+def test_lora_state_bytes_accepts_the_measured_bytes(shipped):
+    measured, _ = state_bytes(shipped, {"rank": 16, "target_modules": ["q_proj", "v_proj"]})
+    assert check.lora_state_bytes(measured).correct  # AdamW's step counters: within tolerance
+    assert check.lora_state_bytes(measured * 1.01).correct is False
     assert not check.lora_state_bytes(None).correct
-    assert not check.lora_state_bytes("3838464").correct
+    assert not check.lora_state_bytes(str(measured)).correct
+    at_32, _ = state_bytes(shipped, {"rank": 32, "target_modules": ["q_proj", "v_proj"]})
+    assert check.lora_state_bytes(at_32, rank=32).correct
+    assert not check.lora_state_bytes(at_32).correct  # rank 32's bytes for rank 16's question
 
 
-@pytest.mark.parametrize("answer, says", [(16 * (N + QV16), "frozen"), (16 * QV16, "adapter's")])
-def test_lora_state_bytes_names_the_slip(answer, says):
-    result = check.lora_state_bytes(answer)
-    assert not result.correct and says in result.message
+def test_lora_state_bytes_names_the_slips(shipped):
+    model = apply_lora(copy.deepcopy(shipped), rank=16, target_modules=["q_proj", "v_proj"])
+    n_lora, n_all = count_parameters(model)
+    everything = check.lora_state_bytes(16 * n_all)  # every weight trained
+    assert not everything.correct and "frozen" in everything.message
+    adapter_only = check.lora_state_bytes(16 * n_lora)
+    assert not adapter_only.correct and "adapter's" in adapter_only.message
 
 
-def test_speedup_bound():
-    d, r = 4096, 16
-    right = 6 * d * d / (4 * d * d + 12 * d * r)
-    assert right == pytest.approx(1.4826, abs=1e-4)
+def layer_flops(d, rank):
+    """FLOPs of one token through a d x d layer, forward and backward, counted by PyTorch:
+    a middle layer, whose input needs a gradient; full fine-tuning, then LoRA at ``rank``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_lab import LoRALinear
+
+    counts = []
+    for lora in (False, True):
+        layer = torch.nn.Linear(d, d, bias=False)
+        if lora:
+            layer = LoRALinear(layer, rank=rank)
+        x = torch.randn(1, d, requires_grad=True)
+        with FlopCounterMode(display=False) as counter:
+            layer(x).sum().backward()
+        counts.append(counter.get_total_flops())
+    return counts
+
+
+def test_speedup_bound_accepts_pytorchs_flop_count():
+    full, lora = layer_flops(4096, 16)
+    right = full / lora
     assert check.speedup_bound(right).correct
     assert check.speedup_bound(round(right, 4)).correct
-    assert not check.speedup_bound(1.4).correct
+    assert not check.speedup_bound(right * 0.95).correct
     assert not check.speedup_bound(None).correct
     assert "A and B" in check.speedup_bound(1.5).message
     assert "input" in check.speedup_bound(3.0).message
+    full_8, lora_8 = layer_flops(512, 8)
+    assert check.speedup_bound(full_8 / lora_8, d=512, rank=8).correct
 
 
-def test_break_even_rank():
-    right = 12 * N / (16 * 4 * 4 * 2 * 128)  # 4N + 16 r (4 blocks x 4 projections x 2d) = 16N
-    assert right == pytest.approx(151.7, abs=0.05)
+def test_break_even_rank_accepts_the_rank_solved_from_measured_bytes(shipped):
+    # bytes grow linearly with the rank: two ranks give the line, full fine-tuning the target
+    full, _ = state_bytes(shipped, None)
+    at_1, _ = state_bytes(shipped, {"rank": 1, "target_modules": ATTENTION})
+    at_2, _ = state_bytes(shipped, {"rank": 2, "target_modules": ATTENTION})
+    right = 1 + (full - at_1) / (at_2 - at_1)
     result = check.break_even_rank(right)
-    assert result.correct and "128" in result.message
-    assert check.break_even_rank(151.7).correct
+    assert result.correct and "128" in result.message  # above the largest rank allowed
+    assert check.break_even_rank(round(right, 1)).correct
     assert not check.break_even_rank(128).correct
     assert not check.break_even_rank(None).correct
-    slip = check.break_even_rank(N / (4 * 4 * 2 * 128))
+    # the slip: forgetting that LoRA keeps the frozen weights too (16 r per_rank = 16 N)
+    model = apply_lora(copy.deepcopy(shipped), rank=1, target_modules=ATTENTION)
+    per_rank, n_all = count_parameters(model)
+    slip = check.break_even_rank((n_all - per_rank) / per_rank)
     assert not slip.correct and "frozen" in slip.message
+
+
+# ---------------------------------------------------------------- exercise 4: choose_lr
+
+
+def mean_of(seeds):
+    return float("inf") if None in seeds else statistics.fmean(seeds)
+
+
+def test_choose_lr_accepts_a_right_answer_written_another_way():
+    def mine(losses):
+        rates = sorted(losses)
+        best = min(rates, key=lambda lr: mean_of(losses[lr]))
+        return best, rates[0] != best != rates[-1]
+
+    assert check.choose_lr(mine).correct
+    assert check.choose_lr(choose_lr).correct
+
+
+@pytest.mark.parametrize(
+    "wrong, case",
+    [
+        (  # the single best seed instead of the mean
+            lambda losses: (
+                best := min(losses, key=lambda lr: min(s for s in losses[lr] if s is not None)),
+                min(losses) < best < max(losses),
+            ),
+            "a lucky seed",
+        ),
+        (  # the edges taken from the dict's order, not the rates' values
+            lambda losses: (
+                best := min(losses, key=lambda lr: mean_of(losses[lr])),
+                best not in (list(losses)[0], list(losses)[-1]),
+            ),
+            "rates not in order",
+        ),
+        (  # a diverged seed skipped instead of ruling its rate out
+            lambda losses: (
+                best := min(
+                    losses, key=lambda lr: statistics.fmean(s for s in losses[lr] if s is not None)
+                ),
+                min(losses) < best < max(losses),
+            ),
+            "a diverged run",
+        ),
+        (lambda losses: min(losses, key=lambda lr: mean_of(losses[lr])), "three rates"),
+    ],
+)
+def test_choose_lr_names_the_first_wrong_case(wrong, case):
+    result = check.choose_lr(wrong)
+    assert not result.correct and f"({case}" in result.message and "Expected" in result.message
+
+
+def test_choose_lr_unanswered_and_raising():
+    def stub(losses):
+        raise NotImplementedError
+
+    assert "No answer yet" in check.choose_lr(stub).message
+    assert "No answer yet" in check.choose_lr(None).message
+
+    def broken(losses):
+        return sorted(losses.values())[0][0] + None
+
+    result = check.choose_lr(broken)
+    assert not result.correct and "raised TypeError" in result.message

@@ -1,6 +1,6 @@
 """Checkers for chapter 8, "LoRA or full fine-tuning"."""
 
-from lora_lab.checks import Result, check_number, unanswered
+from lora_lab.checks import Result, check_function, check_number, unanswered
 
 ADAM_BYTES = 16  # fp32 weight, gradient and AdamW's two moments, 4 bytes each
 WEIGHT_BYTES = 4  # a frozen fp32 weight: no gradient, no optimizer state
@@ -117,3 +117,52 @@ def break_even_rank(answer, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
         rel_tol=1e-3,
         hint=f"LoRA adds {per_rank:,} parameters per unit of rank here.",
     )
+
+
+# ---------------------------------------------------------------- exercise 4: code
+
+_LR_HINTS = {
+    "a lucky seed": "average each rate's seeds before comparing: one lucky seed is not a better rate.",
+    "rates not in order": "bracketed means neither the smallest nor the largest rate by value; "
+    "a dict keeps the order rates were added in, which need not be sorted.",
+    "a diverged run": "a run that diverged (None) makes its rate the worst, whatever its other "
+    "seeds did.",
+    "the best at the largest rate": "a best rate at the end of the grid is not bracketed: a "
+    "larger one might be better still.",
+}
+
+
+def _lr_cases():
+    """(label, kwargs, expected) for choose_lr; expected from lora_lab.experiments.choose_lr."""
+    from lora_lab.experiments import _losses, _runs, choose_lr, read_compare
+
+    grids = [
+        ("three rates, one seed each", {1e-3: [0.5], 2e-3: [0.3], 5e-3: [0.4]}),
+        ("the best at the largest rate", {1e-3: [0.5, 0.52], 2e-3: [0.4, 0.41], 5e-3: [0.3, 0.33]}),
+        ("a lucky seed", {5e-4: [0.5, 0.52, 0.5], 1e-3: [0.30, 0.31, 0.29],
+                          2e-3: [0.05, 0.60, 0.58], 5e-3: [0.4, 0.41, 0.39]}),
+        ("rates not in order", {2e-3: [0.2, 0.21], 1e-3: [0.4, 0.42], 5e-3: [0.3, 0.29]}),
+        ("a diverged run", {1e-3: [0.3, 0.3], 2e-3: [0.2, None], 5e-3: [0.25, 0.26]}),
+    ]  # fmt: skip
+    results = read_compare()
+    if results is not None:  # the chapter's own grid: full fine-tuning on the far task
+        far = next(t for t, s in results["plan"]["tasks"].items() if s["role"] == "far")
+        grids.append(
+            ("chapter 8's far task, full fine-tuning", _losses(_runs(results, "grid", far, "full")))
+        )
+    return [(label, {"losses": g}, choose_lr(g)) for label, g in grids]
+
+
+def choose_lr(fn):
+    """Exercise 4: the learner's choose_lr(losses) -> (best rate, bracketed), run on grids."""
+    why = (
+        "A fair comparison gives each method the rate with its lowest mean training loss, and "
+        "trusts it only when a smaller and a larger rate were tried and did worse."
+    )
+    if fn is None or not callable(fn):
+        return check_function(fn, [], what="your choose_lr", why=why)
+    verdict = check_function(fn, _lr_cases(), what="your choose_lr", why=why, atol=1e-12)
+    hint = next((h for label, h in _LR_HINTS.items() if f"({label};" in verdict.message), "")
+    if verdict.correct or not hint or "): raised " in verdict.message:
+        return verdict
+    return Result(False, f"{verdict.message} Hint: {hint}")
