@@ -439,6 +439,9 @@ def estimate_memory(
     per fp32 parameter, 8 per fp16 one, with AdamW); "mixed" is real mixed precision: 16-bit
     weights and gradients for compute, an fp32 master copy and fp32 optimizer states of what
     trains, so full AdamW costs 2 + 2 + 4 + 8 = 16 bytes per parameter in bf16 as in fp32.
+    (``torch.autocast``, which ``lora_lab.train`` uses, is neither: fp32 weights, gradients and
+    states, 16 bytes, plus a 16-bit copy of each weight saved for backward, 2 more: 18 while
+    gradients and copies coexist. Chapter 1 measures both parts; it is not modelled here.)
     Adapters default to fp32 under "mixed" (PEFT's choice), to ``precision`` under "lesson".
 
     Activations follow ``activation_bytes`` (its docstring states the formula). The total is

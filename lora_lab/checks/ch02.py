@@ -127,8 +127,8 @@ def best_rank_r(fn):
         fn,
         cases,
         what="your best_rank_r",
-        why="keep the r largest singular values with their singular vectors: "
-        "U[:, :r] * S[:r] @ Vh[:r] (torch.linalg.svd sorts S from the largest, and Vh's rows "
-        "are the right singular vectors). At or above the rank, M comes back unchanged.",
+        why="keep the r largest singular values, each with its left and right singular "
+        "vectors (torch.linalg.svd sorts them from the largest; mind which of Vh's axes holds "
+        "a vector). At or above the rank, M comes back unchanged.",
         atol=1e-6,
     )
