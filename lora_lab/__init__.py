@@ -54,10 +54,22 @@ from lora_lab.model import GPT, GPTConfig, load_model, load_pretrained  # noqa: 
 from lora_lab.quant import QLoRALinear, QuantizedTensor, apply_qlora  # noqa: E402
 
 # isort: split
-from lora_lab.quant import dynamic_map, fp4_codebook, int4_codebook, nf4_codebook  # noqa: E402
+from lora_lab.quant import (  # noqa: E402
+    dynamic_map,
+    e2m1_codebook,
+    fp4_codebook,
+    int4_codebook,
+    nf4_codebook,
+)
 
 # isort: split
-from lora_lab.quant import quantize_4bit, quantize_fp4, quantize_int4, quantize_nf4  # noqa: E402
+from lora_lab.quant import (  # noqa: E402
+    quantize_4bit,
+    quantize_e2m1,
+    quantize_fp4,
+    quantize_int4,
+    quantize_nf4,
+)
 
 # model specs and presets (chapter 1)
 from lora_lab.specs import PRESETS, ModelSpec  # noqa: E402
@@ -91,6 +103,7 @@ __all__ = [
     "energy_captured",
     "estimate_memory",
     "evaluate",
+    "e2m1_codebook",
     "fp4_codebook",
     "generate",
     "get_device",
@@ -113,6 +126,7 @@ __all__ = [
     "nf4_codebook",
     "print_versions",
     "quantize_4bit",
+    "quantize_e2m1",
     "quantize_fp4",
     "quantize_int4",
     "quantize_nf4",

@@ -37,7 +37,8 @@ def test_a_placeholder_is_unanswered_and_a_non_function_is_named():
     def todo(x):
         raise NotImplementedError
 
-    assert "No answer yet" in check_function(todo, CASES, what="double", why="hint").message
+    stub = check_function(todo, CASES, what="double", why="hint").message
+    assert stub.startswith("No answer yet: replace `raise NotImplementedError` with your code")
     assert "No answer yet" in check_function(None, CASES, what="double", why="hint").message
     assert "should be a function, got int 3" in check_function(3, CASES, what="d", why="").message
 

@@ -38,9 +38,12 @@ class Result:
     __str__ = __repr__
 
 
-def unanswered(hint):
-    """The verdict for an exercise still holding its placeholder ``None``."""
-    return Result(False, f"No answer yet: replace None with your answer. Hint: {hint}")
+def unanswered(hint, placeholder="None"):
+    """The verdict for an exercise still holding its placeholder (``None``, or a function that
+    raises ``NotImplementedError``)."""
+    if placeholder == "None":
+        return Result(False, f"No answer yet: replace None with your answer. Hint: {hint}")
+    return Result(False, f"No answer yet: replace {placeholder} with your code. Hint: {hint}")
 
 
 def check_number(answer, expected, *, what, why, rel_tol=1e-6, hint=""):
@@ -132,6 +135,7 @@ def check_function(fn, cases, *, what, why, atol=1e-5):
     """
     if fn is None:
         return unanswered(why)
+    stub = "`raise NotImplementedError`"
     if not callable(fn):
         return Result(False, f"{what} should be a function, got {type(fn).__name__} {fn!r}.")
     for i, (label, kwargs, expected) in enumerate(cases, start=1):
@@ -139,7 +143,7 @@ def check_function(fn, cases, *, what, why, atol=1e-5):
         try:
             got = fn(**kwargs)
         except NotImplementedError:
-            return unanswered(why)
+            return unanswered(why, placeholder=stub)
         except Exception as error:  # the learner's bug, reported as a case
             return Result(
                 False,
