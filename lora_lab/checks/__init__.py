@@ -110,7 +110,7 @@ def _same(got, expected, atol):
     if isinstance(expected, (tuple, list)):
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
             return f"{len(expected)} results were expected, got {_describe(got)}"
-        for i, (g, e) in enumerate(zip(got, expected)):
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
             why = _same(g, e, atol)
             if why:
                 return f"result {i}: {why}"
