@@ -471,18 +471,24 @@ def estimate_memory(
         adapter_precision = "fp32" if convention == "mixed" else precision
     choice("adapter_precision", adapter_precision, PRECISIONS)
     b = PRECISIONS[precision]
-    act = activation_bytes(
-        spec,
-        method,
-        precision=precision,
-        rank=rank,
-        target_modules=target_modules,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        lora_dropout=lora_dropout,
-        attention=attention,
-        gradient_checkpointing=gradient_checkpointing,
-        adapter_precision=adapter_precision,
+    # no activations asked for: batch and sequence do not matter (a seq_len beyond a small
+    # model's positions is then no error)
+    act = (
+        {}
+        if not activations
+        else activation_bytes(
+            spec,
+            method,
+            precision=precision,
+            rank=rank,
+            target_modules=target_modules,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            lora_dropout=lora_dropout,
+            attention=attention,
+            gradient_checkpointing=gradient_checkpointing,
+            adapter_precision=adapter_precision,
+        )
     )
     numels = [math.prod(s) for s in spec.parameter_shapes().values()]
     if method == "full":
@@ -507,8 +513,8 @@ def estimate_memory(
         gradients=grads,
         master_weights=master,
         optimizer_states=states,
-        activations=sum(act.values()) if activations else 0,
-        activation_parts=act if activations else {},
+        activations=sum(act.values()),
+        activation_parts=act,
     )
 
 

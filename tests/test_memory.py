@@ -517,3 +517,13 @@ def test_memory_calculator_updates():
     assert "gpt2" in output.value and "capped at 1024" in output.value
     with pytest.raises(ValueError, match="model must be one of"):
         memory_calculator(model="gpt-5")
+
+
+def test_without_activations_the_sequence_length_does_not_matter():
+    """activations=False: no activation term, so a sequence past GPT-2's 1,024 positions is fine."""
+    spec = ModelSpec.from_config(transformers.GPT2Config())
+    short = estimate_memory(spec, "lora", seq_len=8, activations=False)
+    long = estimate_memory(spec, "lora", seq_len=4096, activations=False)
+    assert short == long and long.activations == 0 and long.activation_parts == {}
+    with pytest.raises(ValueError, match="exceeds"):
+        estimate_memory(spec, "lora", seq_len=4096)
