@@ -12,6 +12,8 @@ kinds, and each kind has its judge:
   neither);
 - a direction, "faster", "a higher learning rate": ``judge_direction`` on the ratio of the two
   sides (beyond a 10% margin, inside it, or the other way);
+- a recommended setting or range ("rank 8-64", "q_proj and v_proj"), on a grid of runs over
+  seeds: ``judge_choice`` (the best setting or tied with it, else how far behind);
 - a statement, true or false: ``judge_statement``.
 
 ``ClaimTable`` collects the verdicts of a page with the function (or the cell) that computed
@@ -31,12 +33,16 @@ COLORS = {HOLDS: "#5cb85c", LOOSE: "#f0ad4e", WRONG: "#d9534f", NOT_MEASURED: "#
 RULES = {
     HOLDS: "a number within 10% of the claim, or inside a claimed range widened by 10% at each "
     "end; at every setting of a sweep; a count equal to the claim; a bound that is met; a "
-    "direction beyond a 10% margin; a true statement",
+    "direction beyond a 10% margin; a recommended setting that is the best of a grid of runs or "
+    "tied with it (within one seed standard deviation), or scores within 10% of it; a true "
+    "statement",
     LOOSE: "a number outside that, but within a factor of 2 of the claim (or of the range); a "
     "sweep whose worst setting is loose; a bound missed by less than a factor of 2; a "
-    "direction inside the 10% margin (no difference beyond it)",
+    "direction inside the 10% margin (no difference beyond it); a recommended setting whose "
+    "score is within a factor of 2 of the best's",
     WRONG: "a number off by a factor of 2 or more; a count that differs (a bug); a bound missed "
-    "by a factor of 2 or more; a direction reversed by more than the margin; a false statement",
+    "by a factor of 2 or more; a direction reversed by more than the margin; a recommended "
+    "setting that scores a factor of 2 or more worse than the best; a false statement",
     NOT_MEASURED: "nothing the course has run can judge it (for example a GPU measurement that "
     "has not been made); an estimate may be shown beside it, never a verdict",
 }
@@ -154,6 +160,59 @@ def judge_direction(ratio, *, margin=REL_TOL):
     return LOOSE if ratio >= 1 - margin else WRONG
 
 
+def grid_summary(scores):
+    """``{setting: (mean, sd, n)}`` of a grid of runs: ``scores`` maps each setting to the
+    score of each seed (lower is better; None for a run that diverged: infinitely bad)."""
+    import statistics
+
+    if not isinstance(scores, dict) or not scores:
+        raise ValueError(
+            f"scores must be a non-empty dict {{setting: [score of each seed]}}, got {scores!r}"
+        )
+    out = {}
+    for setting, seeds in scores.items():
+        if not isinstance(seeds, (list, tuple)) or not seeds:
+            raise ValueError(f"scores[{setting!r}] must be a non-empty list, got {seeds!r}")
+        if any(v is None for v in seeds):
+            out[setting] = (math.inf, 0.0, len(seeds))
+            continue
+        values = [_number(f"scores[{setting!r}]", v) for v in seeds]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        out[setting] = (statistics.fmean(values), sd, len(values))
+    return out
+
+
+def best_setting(scores):
+    """The setting with the lowest mean score, and every setting tied with it: whose mean is
+    within the larger of the two seed standard deviations of the best's."""
+    summary = grid_summary(scores)
+    best = min(summary, key=lambda s: summary[s][0])
+    mean, sd, _ = summary[best]
+    tied = [s for s, (m, d, _) in summary.items() if m - mean <= max(sd, d)]
+    return best, tied
+
+
+def judge_choice(scores, claimed, *, rel_tol=REL_TOL, loose_factor=LOOSE_FACTOR):
+    """A recommended setting or range judged on a grid of runs over seeds (lower score is
+    better, e.g. a loss): ``holds`` if a setting of ``claimed`` (the grid's settings the claim
+    recommends) is the best or tied with it (``best_setting``); otherwise ``judge`` of the best
+    claimed setting's mean against the best's: within 10% holds, within a factor 2 loose."""
+    claimed = list(claimed)
+    summary = grid_summary(scores)
+    missing = [c for c in claimed if c not in summary]
+    if not claimed or missing:
+        raise ValueError(
+            f"claimed must name settings of the grid {sorted(summary, key=str)}, got {claimed!r}"
+        )
+    best, tied = best_setting(scores)
+    if any(c in tied for c in claimed):
+        return HOLDS
+    ours = min(summary[c][0] for c in claimed)
+    if not math.isfinite(ours):
+        return WRONG
+    return judge(ours, summary[best][0], rel_tol=rel_tol, loose_factor=loose_factor)
+
+
 def judge_statement(true):
     """``holds`` if a computed statement is true, ``wrong`` if false."""
     if type(true).__name__ not in ("bool", "bool_"):  # Python's bool or numpy's
@@ -192,6 +251,7 @@ class Claim:
     chapter: str  # where the course explains it
     claimed: object = None  # a number or (low, high) (either end None for a bound): the figure's
     values: tuple = ()  # the computed numbers, in the claim's units
+    point_verdicts: tuple = ()  # a sweep: the verdict at each of ``values`` (the figure's colours)
 
 
 class ClaimTable:
@@ -203,18 +263,29 @@ class ClaimTable:
         self.claims = []
 
     def add(self, claim, lesson, *, computed, verdict, source, why="", chapter="",
-            claimed=None, values=()):  # fmt: skip
+            claimed=None, values=(), point_verdicts=()):  # fmt: skip
         """Record one verdict; returns it. ``source`` is the function that computed the value
-        (shown as module.qualname) or the text naming the cell that did."""
+        (shown as module.qualname) or the text naming the cell that did; ``point_verdicts``, for a
+        sweep, the verdict at each of ``values``."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {list(VERDICTS)}, got {verdict!r}")
         if isinstance(values, numbers.Real):
             values = (values,)
         values = tuple(_number("values", v) for v in values)
+        point_verdicts = tuple(point_verdicts)
+        if point_verdicts and len(point_verdicts) != len(values):
+            raise ValueError(
+                f"point_verdicts must give one verdict per value: {len(point_verdicts)} "
+                f"for {len(values)} values"
+            )
+        for v in point_verdicts:
+            if v not in VERDICTS:
+                raise ValueError(f"point_verdicts must be among {list(VERDICTS)}, got {v!r}")
         if claimed is not None:
             _claimed_ends(claimed)
         self.claims.append(Claim(str(claim), str(lesson), str(computed), verdict,
-                                 source_name(source), str(why), str(chapter), claimed, values))  # fmt: skip
+                                 source_name(source), str(why), str(chapter), claimed, values,
+                                 point_verdicts))  # fmt: skip
         return verdict
 
     def __len__(self):
@@ -243,7 +314,8 @@ class ClaimTable:
     def plot(self, ax=None):
         """Computed against claimed for every claim with numbers, on a log scale: each row is
         divided by its claim (a range by its low end, an "at most" bound by its limit), the
-        claim drawn in grey, each computed value as a dot coloured by the verdict."""
+        claim drawn in grey, each computed value as a dot coloured by its verdict (a sweep's
+        dots by their own)."""
         import matplotlib.pyplot as plt
 
         rows = [c for c in self.claims if c.claimed is not None and c.values]
@@ -263,8 +335,9 @@ class ClaimTable:
             else:
                 ax.plot([left, left], [i - 0.3, i + 0.3], color="0.5", lw=2, zorder=1)
             xs = [v / ref for v in c.values]
-            ax.scatter(xs, [i] * len(xs), s=28, color=COLORS[c.verdict], edgecolor="black",
-                       linewidth=0.5, zorder=3)  # fmt: skip
+            colors = [COLORS[v] for v in c.point_verdicts or [c.verdict] * len(xs)]
+            ax.scatter(xs, [i] * len(xs), s=28, color=colors, edgecolor="black", linewidth=0.5,
+                       zorder=3)  # fmt: skip
         ax.set_yticks(range(len(rows)), [f"{c.claim} ({c.lesson})" for c in rows], fontsize=8)
         ax.invert_yaxis()
         ax.set_xscale("log")
@@ -309,6 +382,9 @@ __all__ = [
     "WRONG",
     "Claim",
     "ClaimTable",
+    "best_setting",
+    "grid_summary",
+    "judge_choice",
     "judge",
     "judge_bound",
     "judge_count",

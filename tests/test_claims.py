@@ -16,8 +16,11 @@ from lora_lab.claims import (
     VERDICTS,
     WRONG,
     ClaimTable,
+    best_setting,
+    grid_summary,
     judge,
     judge_bound,
+    judge_choice,
     judge_count,
     judge_direction,
     judge_statement,
@@ -26,7 +29,7 @@ from lora_lab.claims import (
 )
 
 PAGE = Path(__file__).resolve().parents[1] / "notebooks" / "claims.ipynb"
-MIN_CLAIMS = 29  # rows of the committed table
+MIN_CLAIMS = 40  # rows of the committed table
 
 # ----------------------------------------------------------------------------- the rules
 
@@ -93,6 +96,39 @@ def test_judge_bound(value, kwargs, verdict):
 )
 def test_judge_direction(ratio, verdict):
     assert judge_direction(ratio) == verdict
+
+
+GRID = {  # test loss of three seeds per setting, like chapter 9's grids
+    "a": [0.125, 0.130, 0.120],
+    "b": [0.128, 0.131, 0.126],  # within a seed sd of the best: tied
+    "c": [0.149, 0.150, 0.148],  # 19% behind, beyond the spread
+    "d": [0.30, 0.31, 0.29],  # more than twice the best
+    "e": [None, 2.7, 2.9],  # a seed diverged
+}
+
+
+def test_best_setting_and_ties():
+    best, tied = best_setting(GRID)
+    assert best == "a" and sorted(tied) == ["a", "b"]
+    assert grid_summary(GRID)["e"][0] == float("inf")
+
+
+@pytest.mark.parametrize(
+    ("claimed", "verdict"),
+    [(["a"], HOLDS), (["b", "d"], HOLDS), (["c"], LOOSE), (["c", "d"], LOOSE), (["d"], WRONG),
+     (["e"], WRONG)],
+)  # fmt: skip
+def test_judge_choice(claimed, verdict):
+    assert judge_choice(GRID, claimed) == verdict
+
+
+def test_judge_choice_needs_settings_of_the_grid():
+    with pytest.raises(ValueError, match="settings of the grid"):
+        judge_choice(GRID, ["z"])
+    with pytest.raises(ValueError, match="settings of the grid"):
+        judge_choice(GRID, [])
+    with pytest.raises(ValueError, match="non-empty"):
+        judge_choice({"a": []}, ["a"])
 
 
 def test_judge_statement():
@@ -162,7 +198,11 @@ def test_plot_draws_one_row_per_numeric_claim():
     table = ClaimTable()
     table.add("a", "4", computed="", verdict=LOOSE, source=judge, claimed=4, values=7.3)
     table.add("b", "0.1-1%", computed="", verdict=LOOSE, source=judge, claimed=(0.1, 1.0),
-              values=[0.062, 0.5])  # fmt: skip
+              values=[0.062, 0.5], point_verdicts=[LOOSE, HOLDS])  # fmt: skip
+    with pytest.raises(ValueError, match="one verdict per value"):
+        table.add(
+            "b", "", computed="", verdict=LOOSE, source=judge, values=[1, 2], point_verdicts=[LOOSE]
+        )
     table.add("c", "80+", computed="", verdict=HOLDS, source=judge, claimed=(80, None), values=111)
     table.add("d", "true", computed="", verdict=HOLDS, source=judge)  # no numbers: not drawn
     ax = table.plot()
