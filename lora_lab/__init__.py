@@ -17,7 +17,7 @@ import os
 # lora_lab keeps the runtime's default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # adapters in PEFT's format (chapter 7)
 from lora_lab.adapters import load_adapter, save_adapter  # noqa: E402

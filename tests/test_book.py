@@ -172,3 +172,21 @@ def test_site_root_serves_a_favicon(site):
     with urllib.request.urlopen(site + "favicon.ico", timeout=10) as response:
         assert response.status == 200
         assert response.read(4) == b"\x00\x00\x01\x00"  # an ICO file
+
+
+def test_colab_opens_and_installs_the_release_of_this_version():
+    """Badge, install cell and the book's launch buttons name one ref: the tag of __version__."""
+    import lora_lab
+    from scripts import chapter_cells
+
+    url, ref = chapter_cells.repository()
+    assert ref == f"v{lora_lab.__version__}", (
+        f"_config.yml's repository.branch is {ref!r}; a release of lora_lab "
+        f"{lora_lab.__version__} is installed from tag 'v{lora_lab.__version__}' (CONTRIBUTING.md)"
+    )
+    changelog = (book.ROOT / "CHANGELOG.md").read_text()
+    assert f"\n## {lora_lab.__version__} " in changelog, "CHANGELOG.md has no section for it"
+    for notebook in chapter_cells.chapters():
+        text = notebook.read_text()
+        assert f"git+{url}@{ref}" in text and f"/blob/{ref}/notebooks/{notebook.name}" in text
+        assert "@main" not in text
