@@ -70,6 +70,7 @@ def standard_cells(url, branch, notebook):
         "\n"
         'if "google.colab" in sys.modules:\n'
         "    import torch\n"
+        "\n"
         f'    !pip install -q "lora-lab @ git+{url}@{branch}" "torch=={{torch.__version__}}"'
     )
     environment = (
