@@ -33,9 +33,9 @@ COLORS = {HOLDS: "#5cb85c", LOOSE: "#f0ad4e", WRONG: "#d9534f", NOT_MEASURED: "#
 RULES = {
     HOLDS: "a number within 10% of the claim, or inside a claimed range widened by 10% at each "
     "end; at every setting of a sweep; a count equal to the claim; a bound that is met; a "
-    "direction beyond a 10% margin; a recommended setting that is the best of a grid of runs or "
-    "tied with it (within one seed standard deviation), or scores within 10% of it; a true "
-    "statement",
+    "direction beyond a 10% margin; a recommended setting that is the best of a grid of runs over "
+    "seeds or tied with it (within twice the standard error of the difference), or scores within "
+    "10% of it; a true statement",
     LOOSE: "a number outside that, but within a factor of 2 of the claim (or of the range); a "
     "sweep whose worst setting is loose; a bound missed by less than a factor of 2; a "
     "direction inside the 10% margin (no difference beyond it); a recommended setting whose "
@@ -184,11 +184,14 @@ def grid_summary(scores):
 
 def best_setting(scores):
     """The setting with the lowest mean score, and every setting tied with it: whose mean is
-    within the larger of the two seed standard deviations of the best's."""
+    within twice the standard error of the difference, ``2 sqrt(sd1**2/n1 + sd2**2/n2)``
+    (chapters 8 and 9: a difference smaller than that is not a result)."""
     summary = grid_summary(scores)
     best = min(summary, key=lambda s: summary[s][0])
-    mean, sd, _ = summary[best]
-    tied = [s for s, (m, d, _) in summary.items() if m - mean <= max(sd, d)]
+    mean, sd, n = summary[best]
+    tied = [
+        s for s, (m, d, k) in summary.items() if m - mean <= 2 * math.sqrt(sd**2 / n + d**2 / k)
+    ]
     return best, tied
 
 

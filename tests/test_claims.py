@@ -100,7 +100,7 @@ def test_judge_direction(ratio, verdict):
 
 GRID = {  # test loss of three seeds per setting, like chapter 9's grids
     "a": [0.125, 0.130, 0.120],
-    "b": [0.128, 0.131, 0.126],  # within a seed sd of the best: tied
+    "b": [0.128, 0.131, 0.126],  # within twice the standard error of the difference: tied
     "c": [0.149, 0.150, 0.148],  # 19% behind, beyond the spread
     "d": [0.30, 0.31, 0.29],  # more than twice the best
     "e": [None, 2.7, 2.9],  # a seed diverged
