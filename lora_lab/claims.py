@@ -318,15 +318,15 @@ class ClaimTable:
         """Computed against claimed for every claim with numbers, on a log scale: each row is
         divided by its claim (a range by its low end, an "at most" bound by its limit), the
         claim drawn in grey, each computed value as a dot coloured by its verdict (a sweep's
-        dots by their own)."""
+        dots by their own). Values of 0 or below have no place on a log scale and are left out."""
         import matplotlib.pyplot as plt
 
-        rows = [c for c in self.claims if c.claimed is not None and c.values]
+        rows = [c for c in self.claims if c.claimed is not None and any(v > 0 for v in c.values)]
         if not rows:
             raise ValueError("no claim has both a claimed value and computed values to plot")
         if ax is None:
             _, ax = plt.subplots(figsize=(11, 0.34 * len(rows) + 1.4))
-        ratios = [v / _claimed_ref(c.claimed) for c in rows for v in c.values]
+        ratios = [v / _claimed_ref(c.claimed) for c in rows for v in c.values if v > 0]
         lo, hi = min(ratios + [0.5]) / 1.5, max(ratios + [2.0]) * 1.5
         for i, c in enumerate(rows):
             low, high = _claimed_ends(c.claimed)
@@ -337,8 +337,9 @@ class ClaimTable:
                 ax.barh(i, right - left, left=left, height=0.6, color="0.85", zorder=1)
             else:
                 ax.plot([left, left], [i - 0.3, i + 0.3], color="0.5", lw=2, zorder=1)
-            xs = [v / ref for v in c.values]
-            colors = [COLORS[v] for v in c.point_verdicts or [c.verdict] * len(xs)]
+            shown = [(v / ref, p) for v, p in zip(c.values, c.point_verdicts or [c.verdict] * len(c.values),
+                                                  strict=True) if v > 0]  # fmt: skip
+            xs, colors = [x for x, _ in shown], [COLORS[p] for _, p in shown]
             ax.scatter(xs, [i] * len(xs), s=28, color=colors, edgecolor="black", linewidth=0.5,
                        zorder=3)  # fmt: skip
         ax.set_yticks(range(len(rows)), [f"{c.claim} ({c.lesson})" for c in rows], fontsize=8)

@@ -205,6 +205,9 @@ def test_plot_draws_one_row_per_numeric_claim():
         )
     table.add("c", "80+", computed="", verdict=HOLDS, source=judge, claimed=(80, None), values=111)
     table.add("d", "true", computed="", verdict=HOLDS, source=judge)  # no numbers: not drawn
+    table.add(
+        "e", "within 2", computed="", verdict=HOLDS, source=judge, claimed=(None, 2), values=-1.5
+    )
     ax = table.plot()
     assert len(ax.get_yticks()) == 3
     assert ax.get_xscale() == "log"
