@@ -266,7 +266,8 @@ def speed_summary(seconds, bounds, *, reference="full", tolerance=0.05):
     ``seconds``: ``interleaved_times``' samples {method: [seconds per step, ...]}, the methods
     timed moments apart in each sample; ``bounds``: {method: ``flop_ratio``}. For each other
     method: ``ratio``, the median over samples of its time over the reference's in the same
-    sample; ``bound``; and ``consistent``, False when the ratio is more than ``tolerance``
+    sample, and ``middle_half``, the quartiles of those ratios; ``bound``; and ``consistent``,
+    False when the ratio is more than ``tolerance``
     below the bound, which no real step can be (then the timing, not LoRA, is at fault).
     """
     if not isinstance(seconds, dict) or reference not in seconds:
@@ -281,16 +282,48 @@ def speed_summary(seconds, bounds, *, reference="full", tolerance=0.05):
             raise ValueError(f"bounds has no FLOP ratio for {method!r}; it has {sorted(bounds)}")
         if len(times) != len(seconds[reference]) or not times:
             raise ValueError(f"{method!r} and {reference!r} must have the same number of samples")
-        ratio = statistics.median(t / r for t, r in zip(times, seconds[reference], strict=True))
-        bound = bounds[method]
+        ratios = [t / r for t, r in zip(times, seconds[reference], strict=True)]
+        ratio, bound = statistics.median(ratios), bounds[method]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratio,) * 3
         out[method] = {
             "ratio": ratio,
+            "middle_half": (q1, q3),  # the quartiles of the ratios: how much the samples spread
             "bound": bound,
             "consistent": ratio >= bound * (1 - tolerance),
             "seconds": statistics.median(times),
             "reference_seconds": statistics.median(seconds[reference]),
         }
     return out
+
+
+def time_methods(base, tokenizer, methods, task, lrs, batch_size, *, samples, warmup, device=None):
+    """Seconds per training step of each method, timed interleaved on copies of ``base``.
+
+    ``methods``: {name: apply_lora arguments, or None for full fine-tuning}; ``lrs``: {name:
+    learning rate}. Each method gets a ``training_step`` on a fresh copy (a 16-bit base is
+    fully fine-tuned as ``finetune`` does it: float32 weights, 16-bit matmuls), and
+    ``lora_lab.measure.interleaved_times`` times them in turn, ``samples`` times after
+    ``warmup`` untimed steps. Returns {name: [seconds of each sample]}.
+    """
+    from .measure import interleaved_times
+
+    module_with_parameters("base", base)
+    half = [p.dtype for p in base.parameters() if p.dtype in HALF]
+    steps = {}
+    for method, lora in methods.items():
+        model, autocast_dtype = copy.deepcopy(base), None
+        if lora is None:
+            if half:
+                model, autocast_dtype = model.float(), half[0]
+            model.requires_grad_(True)
+        else:
+            set_seed(0)
+            apply_lora(model, **lora)
+        steps[method] = training_step(model, task, lrs[method], batch_size, tokenizer,
+                                      autocast_dtype=autocast_dtype)  # fmt: skip
+    if device is None:
+        device = next(base.parameters()).device
+    return interleaved_times(steps, samples=samples, warmup=warmup, device=device)
 
 
 # ---------------------------------------------------------------- chapter 8's comparison
@@ -334,12 +367,14 @@ def compare_plan(base, quick=False):
         "LoRA all-linear": {"rank": 8, "alpha": 16, "target_modules": "all-linear"},
     }
     # five rungs each, a factor of 2 to 2.5 apart; on the shipped model the optima for these
-    # budgets lie inside them (full: 1e-3 to 2e-3; LoRA: 2e-3 to 1e-2), which the results assert
+    # budgets lie inside them (full: about 1e-3; LoRA: 2e-3 to 5e-3), which the results assert.
+    # The close task trains for the settings' steps (both methods get near their ceiling); the
+    # far task for 150, where full fine-tuning has learnt it (section 5 of chapter 8)
     full_grid, lora_grid = (0, 4), (1, 3)
     if quick:
         steps, seeds, full_grid, lora_grid = {"butler": 2, "reverse3": 3}, [0], (0, 2), (1, 1)
     else:
-        steps, seeds = {"butler": settings.steps // 2, "reverse3": 150}, [0, 1, 2]
+        steps, seeds = {"butler": settings.steps, "reverse3": 150}, [0, 1, 2]
     return {
         "batch_size": settings.batch_size,
         "seeds": seeds,
@@ -355,7 +390,6 @@ def compare_plan(base, quick=False):
         },
         "rank_task": "reverse3",
         "ranks": [2, 8] if quick else [2, 8, 32, spec.max_rank(attention)],
-        "rank_lr_factors": [1.0] if quick else [0.5, 1.0, 2.0],
         "speed": {"task": "reverse3", "samples": 2 if quick else 30, "warmup": 1 if quick else 3},
     }
 
@@ -397,14 +431,13 @@ def run_comparison(base, tokenizer, plan, log=None):
     """Train everything ``plan`` (``compare_plan``) asks for, in sequence; return the raw results.
 
     First every method on every task at every rate of its grid and every seed (part "grid");
-    then, on the far task, each LoRA method at the other ranks, at its chosen rate times each
-    of ``rank_lr_factors`` (part "rank"); then a training step of each method, timed
+    then, on the far task, each LoRA method at the other ranks, again at every rate of its
+    grid and every seed (part "rank"); then a training step of each method, timed
     interleaved (``speed``). ``log``: a function called with a line per run (e.g. ``print``).
     """
-    from .measure import interleaved_times
     from .specs import ModelSpec
 
-    log = log or (lambda line: None)
+    log, spec = log or (lambda line: None), ModelSpec.from_model(base)
     runs = []
     for task in plan["tasks"]:
         for method, lora in plan["methods"].items():
@@ -415,28 +448,18 @@ def run_comparison(base, tokenizer, plan, log=None):
     results = {"plan": plan, "runs": runs}
     task = plan["rank_task"]
     for method in LORA_METHODS:
-        lr8, _ = chosen_lrs(results)[task, method]
         for rank in plan["ranks"]:
             if rank == plan["methods"][method]["rank"]:
                 continue  # the grid's runs
             lora = {**plan["methods"][method], "rank": rank}
-            for factor in plan["rank_lr_factors"]:
-                lr = float(f"{lr8 * factor:.3g}")
+            for lr in plan["lr_grid"][method]:
                 for seed in plan["seeds"]:
                     runs.append(_one(base, tokenizer, plan, "rank", method, task, lr, seed, lora))
                     log(_line(runs[-1]))
-    spec, timing = ModelSpec.from_model(base), plan["speed"]
-    steps = {}
-    for method, lora in plan["methods"].items():
-        model = copy.deepcopy(base)
-        if lora is None:
-            model.float().requires_grad_(True)
-        else:
-            set_seed(0)
-            apply_lora(model, **lora)
-        lr, _ = chosen_lrs(results)[timing["task"], method]
-        steps[method] = training_step(model, timing["task"], lr, plan["batch_size"], tokenizer)
-    seconds = interleaved_times(steps, samples=timing["samples"], warmup=timing["warmup"])
+    timing = plan["speed"]
+    lrs = {m: chosen_lrs(results)[timing["task"], m][0] for m in plan["methods"]}
+    seconds = time_methods(base, tokenizer, plan["methods"], timing["task"], lrs,
+                           plan["batch_size"], samples=timing["samples"], warmup=timing["warmup"])  # fmt: skip
     bounds = {m: flop_ratio(spec, lora) for m, lora in plan["methods"].items() if lora}
     results["speed"] = {**timing, "seconds": seconds, "flop_bound": bounds}
     results["model_params"] = sum(p.numel() for p in base.parameters())
@@ -495,14 +518,19 @@ def _losses(runs):
     return out
 
 
-def chosen_lrs(results):
-    """{(task, method): (learning rate, bracketed)} chosen on the grid's mean training loss."""
+def grid_losses(results):
+    """{(task, method): {lr: [final training loss of each seed]}} of the grid (None: diverged)."""
     plan = results["plan"]
     return {
-        (task, method): choose_lr(_losses(_runs(results, "grid", task, method)))
+        (task, method): _losses(_runs(results, "grid", task, method))
         for task in plan["tasks"]
         for method in plan["methods"]
     }
+
+
+def chosen_lrs(results):
+    """{(task, method): (learning rate, bracketed)} chosen on the grid's mean training loss."""
+    return {key: choose_lr(losses) for key, losses in grid_losses(results).items()}
 
 
 def chosen_runs(results):
@@ -524,7 +552,7 @@ def final_scores(results, key=None):
 
 def rank_results(results):
     """{(method, rank): (lr, bracketed, seed_stats of the far task's test score in points)}:
-    at each rank, the rate of ``rank_lr_factors`` with the lowest mean training loss."""
+    at each rank, the rate of the method's grid with the lowest mean training loss."""
     plan, task = results["plan"], results["plan"]["rank_task"]
     metric, out = plan["tasks"][task]["metric"], {}
     for method in LORA_METHODS:
@@ -590,10 +618,12 @@ def lesson_verdicts(results, lora_method="LoRA attention"):
         add("Memory (whole training run)", "56+ GB against 14 GB: 4x less",
             "not measurable here (no way to reset the peak RSS)", "", None, "n/a")  # fmt: skip
     speed = speed_summary(results["speed"]["seconds"], results["speed"]["flop_bound"])[lora_method]
-    verdict = HOLDS if speed["ratio"] <= 0.90 else LOOSE if speed["ratio"] <= 1.10 else WRONG
+    low, high = speed["middle_half"]  # a verdict must not hang on the timing's noise
+    verdict = HOLDS if high <= 0.90 else WRONG if low > 1.10 else LOOSE
     add("Training speed", "LoRA faster (fewer gradients)",
-        f"LoRA step = {speed['ratio']:.2f} x full step (FLOP bound: at least {speed['bound']:.2f})",
-        "<= 0.90 holds, 0.90-1.10 loose, > 1.10 wrong", speed["ratio"],
+        f"LoRA step = {speed['ratio']:.2f} x full step, middle half of samples {low:.2f}-{high:.2f} "
+        f"(FLOP bound: at least {speed['bound']:.2f})",
+        "middle half <= 0.90 holds, > 1.10 wrong, else loose", speed["ratio"],
         verdict if speed["consistent"] else "not judged: faster than the FLOP bound allows")  # fmt: skip
     gaps = {}
     for task in (close, far):
@@ -616,3 +646,42 @@ def lesson_verdicts(results, lora_method="LoRA attention"):
     add("Adapter swapping", "LoRA yes, full no", f"an adapter file is {adapter:.1%} of a full copy",
         "adapter < 10% of the model", adapter, HOLDS if adapter < 0.10 else LOOSE)  # fmt: skip
     return rows
+
+
+def committed_run(results, task, method, seed=0):
+    """The committed run of ``method`` on ``task`` at its chosen learning rate with ``seed``."""
+    key = (task, method)
+    lrs = chosen_lrs(results)
+    if key not in lrs:
+        raise ValueError(f"no runs of {method!r} on {task!r}; the results have {sorted(lrs)}")
+    runs = [r for r in _runs(results, "grid", task, method, lr=lrs[key][0]) if r["seed"] == seed]
+    if not runs:
+        raise ValueError(
+            f"no committed run with seed {seed}; the seeds are {results['plan']['seeds']}"
+        )
+    return runs[0]
+
+
+def reproduces(fresh, committed, *, loss_rtol=0.10, points=5.0):
+    """Whether ``fresh`` (a Run) repeats ``committed`` (a run record of the same settings).
+
+    On the machine that made the file a CPU rerun is bit for bit the same; elsewhere float
+    rounding differs and grows over the steps, so the final training loss may differ by
+    ``loss_rtol`` (relative) and each test score by ``points`` points. Returns ``(ok, why)``.
+    """
+    if not isinstance(fresh, Run):
+        raise TypeError(f"fresh must be a Run (from finetune), got {type(fresh).__name__}")
+    if committed.get("diverged"):
+        raise ValueError("committed is a run that diverged: there is nothing to compare")
+    same = {"task": fresh.task, "lr": fresh.lr, "seed": fresh.seed, "steps": fresh.history.steps}
+    differ = {k: (v, committed[k]) for k, v in same.items() if committed[k] != v}
+    if differ:
+        raise ValueError(f"fresh and committed runs differ in their settings: {differ}")
+    loss, old = fresh.final_train_loss(), committed["train_loss"]
+    gaps = {k: 100 * abs(fresh.scores[k] - committed["test"][k]) for k in ("exact", "char_acc")}
+    ok = abs(loss - old) <= loss_rtol * old and max(gaps.values()) <= points
+    why = (
+        f"final training loss {loss:.4f} (committed {old:.4f}); test exact "
+        f"{100 * fresh.scores['exact']:.1f} (committed {100 * committed['test']['exact']:.1f})"
+    )
+    return ok, why
