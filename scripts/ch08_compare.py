@@ -8,7 +8,7 @@ On the shipped model, one CPU thread, runs in sequence (so a rerun gives the sam
 every method (full fine-tuning; LoRA rank 8 on the attention projections; LoRA rank 8 on all
 linear layers) on a task close to pretraining (butler) and one far from it (reverse3), at
 every learning rate of a grid around each method's usual rate and with three seeds; then, on
-the far task, each LoRA method at other ranks (its rank-8 rate halved, kept and doubled);
+the far task, each LoRA method at other ranks (on the same grid of rates, three seeds);
 then a training step of each method timed interleaved. The plan is
 ``lora_lab.experiments.compare_plan``; chapter 8 and the claims page read the file through
 ``lora_lab.experiments.read_compare`` and judge it with ``lesson_verdicts``.
