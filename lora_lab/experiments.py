@@ -328,7 +328,7 @@ def time_methods(base, tokenizer, methods, task, lrs, batch_size, *, samples, wa
 
 # ---------------------------------------------------------------- chapter 8's comparison
 
-COMPARE_FILE = Path(__file__).resolve().parents[1] / "results" / "ch08_compare.json"
+COMPARE_FILE = Path(__file__).resolve().parent / "results" / "ch08_compare.json"
 LORA_METHODS = ("LoRA attention", "LoRA all-linear")  # rank 8, alpha 16, on these targets
 METHODS = ("full",) + LORA_METHODS
 _LADDER = (1, 2, 5)  # learning rates on a 1-2-5 ladder, a factor of 2 to 2.5 apart

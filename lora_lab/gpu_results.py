@@ -8,12 +8,12 @@ returns None and the chapters say that no GPU measurement has been made.
 import json
 from pathlib import Path
 
-GPU_CHECK_FILE = Path(__file__).resolve().parents[1] / "results" / "gpu_check.json"
+GPU_CHECK_FILE = Path(__file__).resolve().parent / "results" / "gpu_check.json"
 METHODS = ("full", "lora", "qlora")
 
 
 def read_gpu_check(path=None):
-    """The parsed GPU result at ``path`` (default: results/gpu_check.json), or None if absent.
+    """The parsed GPU result at ``path`` (default: lora_lab/results/gpu_check.json), or None if absent.
 
     A file that exists but is not a CUDA result of the three methods is an error naming it.
     """

@@ -1,6 +1,6 @@
 """Chapter 8's comparison, precomputed: LoRA against full fine-tuning over seeds and grids.
 
-    python scripts/ch08_compare.py            # the full run: results/ch08_compare.json
+    python scripts/ch08_compare.py            # the full run: lora_lab/results/ch08_compare.json
     python scripts/ch08_compare.py --quick    # the same code path at a toy size (tests)
     python scripts/ch08_compare.py --out x.json
 

@@ -1,8 +1,8 @@
 """Chapter 9's hyperparameter grids, precomputed: every run over several seeds, on a task learned.
 
-    python scripts/ch09_grid.py                       # writes results/ch09_grid.json
+    python scripts/ch09_grid.py                       # writes lora_lab/results/ch09_grid.json
     python scripts/ch09_grid.py --quick --out x.json  # the same code path at a toy size (tests)
-    python scripts/ch09_grid.py --model Qwen/Qwen2.5-0.5B --out results/ch09_grid_qwen.json
+    python scripts/ch09_grid.py --model Qwen/Qwen2.5-0.5B --out lora_lab/results/ch09_grid_qwen.json
 
 Each run fine-tunes a fresh LoRA copy of the model with ``lora_lab.experiments.finetune`` on
 chapter 5's task (pirate: the shipped model learns it within ``train_settings``' 60 steps),
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GRID_FILE = ROOT / "results" / "ch09_grid.json"
+GRID_FILE = ROOT / "lora_lab" / "results" / "ch09_grid.json"
 TASK = "pirate"  # chapter 5's task, close to pretraining: learned within the budget
 MAX_WIDENINGS = 2  # learning rates added at an edge of the grid, at most, on each side
 

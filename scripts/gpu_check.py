@@ -1,6 +1,6 @@
 """The GPU check: the model chapters on a GPU, and fine-tuning memory of a Llama-2-7B shape.
 
-    python scripts/gpu_check.py                  # on a CUDA machine: everything, results/gpu_check.json
+    python scripts/gpu_check.py                  # on a CUDA machine: everything, lora_lab/results/gpu_check.json
     python scripts/gpu_check.py --no-chapters    # memory only
     python scripts/gpu_check.py --out x.json     # write elsewhere
 
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_RESULT = ROOT / "results" / "gpu_check.json"  # committed; chapter 1 and the claims page read it
+GPU_RESULT = ROOT / "lora_lab" / "results" / "gpu_check.json"  # committed; chapter 1 and the claims page read it
 CPU_RESULT = ROOT / "runs" / "gpu_check_cpu.json"  # not committed
 LESSON_GB = {"full": 56, "lora": 14, "qlora": 4}  # the lesson's figures for a 7B model
 BATCH, SEQ, RANK, ALPHA = 1, 512, 8, 16

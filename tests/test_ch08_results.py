@@ -1,4 +1,4 @@
-"""results/ch08_compare.json: made by the current plan, and what chapter 8's verdicts rest on.
+"""lora_lab/results/ch08_compare.json: made by the current plan, and what chapter 8's verdicts rest on.
 
 Chapter 8 and the claims page read the committed file. These tests check that it is the full
 run of the plan the code makes today, that the runs it judges learnt, that its learning rates

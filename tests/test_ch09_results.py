@@ -1,4 +1,4 @@
-"""scripts/ch09_grid.py runs (at a toy size), and results/ch09_grid.json, which chapter 9 loads,
+"""scripts/ch09_grid.py runs (at a toy size), and lora_lab/results/ch09_grid.json, which chapter 9 loads,
 holds every run the chapter reads, from the settings the script plans today."""
 
 import json
@@ -11,7 +11,7 @@ from lora_lab import load_model, train_settings
 from lora_lab.specs import ModelSpec
 from scripts import ch09_grid
 
-COMMITTED = Path(__file__).resolve().parents[1] / "results" / "ch09_grid.json"
+COMMITTED = Path(__file__).resolve().parents[1] / "lora_lab" / "results" / "ch09_grid.json"
 KNOBS = ("rank", "alpha", "targets", "use_rslora", "dropout", "lr")
 RUN_FIELDS = {"seed", "diverged", "train_loss", "test_loss"} | set(KNOBS)
 DONE_FIELDS = {"trainable", "loss_curve", "test_char_acc", "test_exact"}

@@ -123,7 +123,7 @@ def experiment(fn, base, tokenizer, task, steps, batch_size, *, grid=None, model
     """Exercise 4: ``fn(lr, seed)`` fine-tunes the reference adapter and returns its test loss.
 
     The checker calls it at each ``(lr, seed)`` of ``cases`` and compares with the same run,
-    taken from the committed ``grid`` (results/ch09_grid.json) when it holds it for this model,
+    taken from the committed ``grid`` (lora_lab/results/ch09_grid.json) when it holds it for this model,
     task, steps and batch size, else trained here with ``lora_lab.experiments.finetune``.
     ``atol`` (on the loss, relative and absolute): a run on another device rounds differently;
     another rate, seed or step count, or the training loss instead of the test loss, moves the
