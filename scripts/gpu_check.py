@@ -36,7 +36,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_RESULT = ROOT / "lora_lab" / "results" / "gpu_check.json"  # committed; chapter 1 and the claims page read it
+GPU_RESULT = (
+    ROOT / "lora_lab" / "results" / "gpu_check.json"
+)  # committed; chapter 1 and the claims page read it
 CPU_RESULT = ROOT / "runs" / "gpu_check_cpu.json"  # not committed
 LESSON_GB = {"full": 56, "lora": 14, "qlora": 4}  # the lesson's figures for a 7B model
 BATCH, SEQ, RANK, ALPHA = 1, 512, 8, 16

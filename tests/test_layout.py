@@ -28,7 +28,9 @@ def test_objectives_come_first_and_state_the_measured_time(path):
     tagged = [i for i, c in enumerate(cells) if OBJECTIVES in c["metadata"].get("tags", [])]
     assert len(tagged) == 1, f"{path.name}: {len(tagged)} objectives cells, one expected"
     i = tagged[0]
-    env = next(j for j, c in enumerate(cells) if "lora-lab:environment" in c["metadata"].get("tags", []))
+    env = next(
+        j for j, c in enumerate(cells) if "lora-lab:environment" in c["metadata"].get("tags", [])
+    )
     assert i == env + 1, f"{path.name}: objectives at cell {i}, expected right after cell {env}"
     text = source(cells[i])
     assert text.startswith("## In this chapter") and "\n- " in text
