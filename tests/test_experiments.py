@@ -129,8 +129,11 @@ def test_reset_peak_rss_lowers_the_peak_after_a_big_allocation():
     from lora_lab.measure import peak_rss_bytes
 
     mib = 2**20
+    assert reset_peak_rss()  # start from now: an earlier test's higher peak would hide this one
+    before = current_rss()
     big = torch.ones(64 * mib // 4)  # 64 MiB, touched
     high = peak_rss_bytes()
+    assert high >= before + 60 * mib  # the allocation is in the peak
     # the kernel syncs its RSS counters lazily, so allow a few MiB of slack either way
     assert high >= current_rss() - 4 * mib
     del big
