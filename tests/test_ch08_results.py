@@ -86,6 +86,7 @@ def test_lesson_verdicts_judge_every_row(results):
     assert all(r["verdict"] in ("holds", "loose", "wrong") for r in rows), rows
 
 
+@pytest.mark.slow  # a subprocess or a training run: make test, not make unit
 def test_a_fresh_run_repeats_a_committed_one(results, shipped):
     committed = committed_run(results, "butler", "full", seed=0)
     plan = results["plan"]

@@ -110,6 +110,7 @@ def test_experiment_passes_the_right_run(shipped):
     assert result.correct and "2 cases" in result.message
 
 
+@pytest.mark.slow  # a subprocess or a training run: make test, not make unit
 def test_experiment_names_the_case_a_wrong_run_misses(shipped):
     from lora_lab.experiments import finetune
 

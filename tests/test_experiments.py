@@ -157,6 +157,7 @@ print(high, kept, current_rss())
 """
 
 
+@pytest.mark.slow  # a subprocess or a training run: make test, not make unit
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
 def test_release_free_memory_returns_freed_heap_to_the_os():
     import subprocess

@@ -63,6 +63,7 @@ def run_bounded(code, timeout=120):
     return out
 
 
+@pytest.mark.slow  # a subprocess or a training run: make test, not make unit
 def test_catastrophic_regex_is_refused_not_hung():
     out = run_bounded(
         textwrap.dedent(f"""
@@ -80,6 +81,7 @@ def test_catastrophic_regex_is_refused_not_hung():
     assert "refused: target_modules regex '(a|aa)+b' took more than 1.0 s" in out.stdout
 
 
+@pytest.mark.slow  # a subprocess or a training run: make test, not make unit
 def test_hostile_adapter_config_is_refused_not_hung(tmp_path):
     save_adapter(trained(), tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
@@ -296,6 +298,7 @@ adapters.save_adapter(trained(seed=2), sys.argv[1])  # the new adapter
 STEPS = ["weights written", "config written", "synced", "exchanged", "old removed"]
 
 
+@pytest.mark.slow  # a subprocess or a training run: make test, not make unit
 @pytest.mark.parametrize("crash_at", STEPS)
 def test_a_save_killed_at_any_step_leaves_the_old_or_the_new_adapter(tmp_path, crash_at):
     path = tmp_path / "adapter"

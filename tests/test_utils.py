@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 RECORD = """\
 import os, sys
 seen = {}
@@ -26,10 +28,12 @@ def run(env_value):
     return out.stdout.split()
 
 
+@pytest.mark.slow  # a subprocess or a training run: make test, not make unit
 def test_passive_is_set_before_torch_loads():
     assert run(None) == ["PASSIVE", "PASSIVE"]
 
 
+@pytest.mark.slow  # a subprocess or a training run: make test, not make unit
 def test_an_explicit_setting_wins():
     assert run("ACTIVE") == ["ACTIVE", "ACTIVE"]
 
