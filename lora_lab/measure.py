@@ -141,7 +141,19 @@ def current_rss():
 
 
 def peak_rss_bytes():
-    """The process's peak resident set size in bytes (None where the OS does not report it)."""
+    """The process's peak resident set size in bytes (None where the OS does not report it).
+
+    On Linux it is VmHWM from /proc/self/status, the peak that ``reset_peak_rss`` resets.
+    getrusage's ru_maxrss is not: the kernel also folds the peak into it whenever a thread
+    exits, so after a reset it can still report the old peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows
