@@ -480,15 +480,12 @@ def _line(r):
 def read_compare(path=None):
     """The results of ``scripts/ch08_compare.py`` at ``path`` (default ``COMPARE_FILE``), or None
     if the file is absent. A file without the parts the chapter reads is an error naming it."""
-    import json
+    from .files import read_json_result
 
     path = COMPARE_FILE if path is None else Path(path)
-    if not path.exists():
+    results = read_json_result(path)
+    if results is None:
         return None
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
     missing = [k for k in ("plan", "runs", "speed", "model_params") if k not in results]
     if missing:
         raise ValueError(f"{path}: not a result of scripts/ch08_compare.py (missing {missing})")

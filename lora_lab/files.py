@@ -2,7 +2,8 @@
 non-finite tensors, and write a folder whole or not at all.
 
 ``adapters`` (adapter files), ``model`` (the shipped checkpoint, transformers exports) and
-``hub`` (random test models) all read and write through these three functions.
+``hub`` (random test models) all read and write through these functions; committed results
+(``lora_lab/results/*.json``) are read by ``read_json_result``.
 """
 
 import os
@@ -11,6 +12,23 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+
+def read_json_result(path):
+    """The parsed JSON of a committed result file, or None if it does not exist.
+
+    A file that exists but is not JSON is a ValueError naming it; what the result must hold is
+    for its reader to check (``experiments.read_compare``, ``gpu_results.read_gpu_check``).
+    """
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
 def check_finite(tensor, key, where):

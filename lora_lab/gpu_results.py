@@ -5,8 +5,9 @@ The file exists only once the script has run on a CUDA machine; until then ``rea
 returns None and the chapters say that no GPU measurement has been made.
 """
 
-import json
 from pathlib import Path
+
+from .files import read_json_result
 
 GPU_CHECK_FILE = Path(__file__).resolve().parent / "results" / "gpu_check.json"
 METHODS = ("full", "lora", "qlora")
@@ -18,12 +19,9 @@ def read_gpu_check(path=None):
     A file that exists but is not a CUDA result of the three methods is an error naming it.
     """
     path = GPU_CHECK_FILE if path is None else Path(path)
-    if not path.exists():
+    result = read_json_result(path)
+    if result is None:
         return None
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(result, dict) or result.get("cuda") is not True:
         raise ValueError(f'{path}: not a GPU result of scripts/gpu_check.py (needs "cuda": true)')
     rows = result.get("memory")

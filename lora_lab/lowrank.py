@@ -4,14 +4,13 @@ import matplotlib.cbook
 import matplotlib.image
 import torch
 
+from .validate import describe, int_between, matrix
+
 
 def low_rank_approx(M, r):
     """The best rank-``r`` approximation of a 2-D tensor ``M`` (Eckart-Young), by truncated SVD."""
-    if not isinstance(M, torch.Tensor) or M.ndim != 2 or not M.is_floating_point():
-        raise ValueError(f"M must be a 2-D floating-point tensor, got {_describe(M)}")
-    full = min(M.shape)
-    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= full:
-        raise ValueError(f"r must be an integer from 0 to min(M.shape)={full}, got {r!r}")
+    matrix("M", M)
+    int_between("r", r, 0, min(M.shape), what="min(M.shape)")
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)  # (m, k), (k,), (k, n)
     return (U[:, :r] * S[:r]) @ Vh[:r]  # (m, n), rank <= r
 
@@ -19,9 +18,8 @@ def low_rank_approx(M, r):
 def energy_captured(S, r):
     """Share of ``sum(S**2)`` held by the ``r`` largest singular values in ``S``."""
     if not isinstance(S, torch.Tensor) or S.ndim != 1:
-        raise ValueError(f"S must be a 1-D tensor of singular values, got {_describe(S)}")
-    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= S.numel():
-        raise ValueError(f"r must be an integer from 0 to len(S)={S.numel()}, got {r!r}")
+        raise ValueError(f"S must be a 1-D tensor of singular values, got {describe(S)}")
+    int_between("r", r, 0, S.numel(), what="len(S)")
     power = torch.sort(S.double() ** 2, descending=True).values
     return (power[:r].sum() / power.sum()).item()
 
@@ -32,9 +30,3 @@ def sample_image():
     rgb = torch.from_numpy(matplotlib.image.imread(path).copy()).float() / 255.0  # (H, W, 3)
     luma = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601 weights
     return rgb @ luma  # (H, W)
-
-
-def _describe(x):
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return f"{type(x).__name__} {x!r}"

@@ -130,10 +130,15 @@ def reset_peak_rss():
 
 def current_rss():
     """The process's resident memory now, in bytes (None where /proc is missing)."""
+    return _proc_status_bytes("VmRSS")
+
+
+def _proc_status_bytes(field):
+    """A memory field of /proc/self/status (VmRSS, VmHWM...) in bytes; None without /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024  # reported in kB
     except OSError:
         pass
@@ -147,13 +152,9 @@ def peak_rss_bytes():
     getrusage's ru_maxrss is not: the kernel also folds the peak into it whenever a thread
     exits, so after a reset it can still report the old peak.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:
-        pass
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
     except ImportError:  # Windows

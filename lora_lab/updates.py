@@ -11,25 +11,9 @@ import contextlib
 
 import torch
 
-from .validate import int_at_least, module
+from .validate import int_at_least, int_between, matrix, module
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def _describe(x):
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return f"{type(x).__name__} {x!r}"
-
-
-def _matrix(name, M):
-    if not isinstance(M, torch.Tensor) or M.ndim != 2 or not M.is_floating_point():
-        raise ValueError(f"{name} must be a 2-D floating-point tensor, got {_describe(M)}")
-
-
-def _rank(name, r, limit):
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= limit:
-        raise ValueError(f"{name} must be an integer from 1 to {limit}, got {r!r}")
 
 
 def _lora_layer(name, layer):
@@ -59,17 +43,17 @@ def delta_of(layer):
 
 def top_directions(M, r):
     """The top ``r`` left and right singular vectors of ``M``, as columns: (out, r) and (in, r)."""
-    _matrix("M", M)
-    _rank("r", r, min(M.shape))
+    matrix("M", M)
+    int_between("r", r, 1, min(M.shape))
     U, _, Vh = torch.linalg.svd(M, full_matrices=False)  # (out, k), (k,), (k, in)
     return U[:, :r], Vh[:r].T
 
 
 def projection_norm(W, U, V):
     """``||U^T W V||_F``: how much of W acts from the columns of V into those of U."""
-    _matrix("W", W)
-    _matrix("U", U)
-    _matrix("V", V)
+    matrix("W", W)
+    matrix("U", U)
+    matrix("V", V)
     if U.shape[0] != W.shape[0] or V.shape[0] != W.shape[1]:
         raise ValueError(
             f"U must have W's {W.shape[0]} rows and V its {W.shape[1]} columns as rows, got "
@@ -84,8 +68,8 @@ def amplification_factor(W, delta, r):
     Hu et al. (2021, section 7.3 and appendix H.4): how strongly the update amplifies the
     directions it acts on, against what W already does along them.
     """
-    _matrix("W", W)
-    _matrix("delta", delta)
+    matrix("W", W)
+    matrix("delta", delta)
     if W.shape != delta.shape:
         raise ValueError(f"W {tuple(W.shape)} and delta {tuple(delta.shape)} must match")
     U, V = top_directions(delta, r)
@@ -97,8 +81,8 @@ def random_projection_norm(W, r, *, trials=10, generator=None):
 
     On average ``||U^T W V||_F^2 = r^2 ||W||_F^2 / (d_out d_in)``: each side keeps r/d of W.
     """
-    _matrix("W", W)
-    _rank("r", r, min(W.shape))
+    matrix("W", W)
+    int_between("r", r, 1, min(W.shape))
     int_at_least("trials", trials)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
@@ -139,8 +123,8 @@ def subspace_similarity(U, V):
     7.2). Returns (p, q): entry [i-1, j-1] is phi(i, j), 1 when one subspace holds the other,
     0 when they are orthogonal.
     """
-    _matrix("U", U)
-    _matrix("V", V)
+    matrix("U", U)
+    matrix("V", V)
     if U.shape[0] != V.shape[0]:
         raise ValueError(
             f"U and V must live in the same space (same rows), got {tuple(U.shape)} and "
@@ -156,8 +140,8 @@ def subspace_similarity(U, V):
 def chance_similarity(d, p, q):
     """Expected ``phi(i, j)`` between random subspaces of R^d: ``max(i, j) / d``, as (p, q)."""
     int_at_least("d", d)
-    _rank("p", p, d)
-    _rank("q", q, d)
+    int_between("p", p, 1, d)
+    int_between("q", q, 1, d)
     i = torch.arange(1, p + 1, dtype=torch.float64)[:, None]
     j = torch.arange(1, q + 1, dtype=torch.float64)[None, :]
     return torch.maximum(i, j) / d

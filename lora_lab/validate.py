@@ -46,6 +46,31 @@ def int_at_least(name, value, minimum=1):
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def int_between(name, value, low, high, *, what=None):
+    """An integer from ``low`` to ``high`` inclusive (not a bool); ``what`` names ``high``."""
+    if not _is_int(value) or not low <= value <= high:
+        top = f"{what}={high}" if what else f"{high}"
+        raise ValueError(f"{name} must be an integer from {low} to {top}, got {value!r}")
+
+
+def describe(value):
+    """A tensor by shape and dtype, anything else by type and value: for error messages."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def matrix(name, value):
+    """A 2-D floating-point ``torch.Tensor``."""
+    import torch
+
+    ok = isinstance(value, torch.Tensor) and value.ndim == 2 and value.is_floating_point()
+    if not ok:
+        raise ValueError(f"{name} must be a 2-D floating-point tensor, got {describe(value)}")
+
+
 def integer(name, value):
     """Any integer (not a bool): a seed."""
     if not _is_int(value):
@@ -92,7 +117,10 @@ __all__ = [
     "boolean",
     "choice",
     "finite_number",
+    "describe",
     "int_at_least",
+    "int_between",
+    "matrix",
     "integer",
     "module",
     "module_with_parameters",

@@ -76,3 +76,37 @@ def test_module_checks():
         validate.module("model", 3)
     with pytest.raises(ValueError, match=r"^base has no parameters$"):
         validate.module_with_parameters("base", torch.nn.ReLU())
+
+
+def test_int_between_and_matrix_name_the_value_and_the_range():
+    validate.int_between("r", 0, 0, 4)
+    validate.int_between("r", 4, 0, 4)
+    for bad in (5, -1, True, 2.0):
+        with pytest.raises(ValueError, match=r"r must be an integer from 0 to min\(M.shape\)=4"):
+            validate.int_between("r", bad, 0, 4, what="min(M.shape)")
+    validate.matrix("W", torch.zeros(2, 3))
+    for bad, shown in [(torch.zeros(3), "shape (3,)"), (torch.zeros(2, 2, dtype=torch.long),
+                       "torch.int64"), ([[1.0]], "list [[1.0]]")]:  # fmt: skip
+        with pytest.raises(ValueError, match=r"W must be a 2-D floating-point tensor, got .*"):
+            validate.matrix("W", bad)
+        assert shown in validate.describe(bad)
+
+
+def test_low_rank_approx_uses_the_shared_checks():
+    from lora_lab.lowrank import energy_captured, low_rank_approx
+
+    with pytest.raises(ValueError, match=r"r must be an integer from 0 to min\(M.shape\)=2, got 3"):
+        low_rank_approx(torch.ones(2, 5), 3)
+    with pytest.raises(ValueError, match=r"r must be an integer from 0 to len\(S\)=2, got -1"):
+        energy_captured(torch.ones(2), -1)
+
+
+def test_read_json_result_absent_valid_and_damaged(tmp_path):
+    from lora_lab.files import read_json_result
+
+    assert read_json_result(tmp_path / "none.json") is None
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    assert read_json_result(tmp_path / "ok.json") == {"a": 1}
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        read_json_result(tmp_path / "bad.json")
