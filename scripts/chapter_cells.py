@@ -254,10 +254,17 @@ def chapters():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if a notebook is out of date")
+    parser.add_argument(
+        "notebooks", nargs="*", type=Path, help="only these notebooks (default: every chapter)"
+    )
     args = parser.parse_args(argv)
     url, branch = repository()
+    chosen = [p.resolve() for p in args.notebooks]
+    for path in chosen:
+        if path.parent != NOTEBOOKS or path.suffix != ".ipynb" or not path.is_file():
+            parser.error(f"notebooks: {str(path)!r} is not a notebook in {NOTEBOOKS}")
     stale = []
-    for notebook in chapters():
+    for notebook in chosen or chapters():
         text = update(notebook, url, branch)
         if text != notebook.read_text():
             stale.append(notebook.name)

@@ -68,7 +68,7 @@ def main(argv=None):
             f"(load average {before:.2f} before, {os.getloadavg()[0]:.2f} after)",
             flush=True,
         )
-    chapter_cells.main([])
+    chapter_cells.main([str(p) for p in args.notebooks])  # only the notebooks just run
 
 
 if __name__ == "__main__":
