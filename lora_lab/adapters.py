@@ -26,11 +26,13 @@ from .files import check_finite, read_safetensors
 from .lora import (
     apply_lora,
     check_hyperparameters,
+    check_variant,
     find_target_modules,
     is_conv1d,
     layer_features,
     lora_layers,
 )
+from .variants import INIT_CHOICES
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -41,7 +43,6 @@ PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraMod
 # PEFT config entries that change the adapter's math and lora_lab does not implement:
 # entry -> the value that means "off". Loading refuses any other value.
 UNSUPPORTED = {
-    "use_dora": False,
     "lora_bias": False,
     "modules_to_save": None,
     "rank_pattern": {},
@@ -99,13 +100,17 @@ def _dropout_p(layer):
 
 # The "off" entries a save writes: ones every PEFT since 0.13 knows (newer ones default to off).
 WRITTEN_OFF = (
-    "use_dora",
     "modules_to_save",
     "rank_pattern",
     "alpha_pattern",
     "layers_to_transform",
     "layers_pattern",
 )
+
+
+def _loftq_entry(layers):
+    config = _one_value(layers, "loftq_config", lambda m: json.dumps(m.loftq_config))
+    return {"loftq_config": json.loads(config)} if config != "null" else {}
 
 
 def adapter_config(model):
@@ -128,7 +133,10 @@ def adapter_config(model):
         "fan_in_fan_out": _one_value(layers, "fan_in_fan_out", lambda m: m.fan_in_fan_out),
         "target_modules": sorted(layers),
         "bias": "none",
-        "init_lora_weights": True,
+        "use_dora": _one_value(layers, "use_dora", lambda m: m.use_dora),
+        # PiSSA and LoftQ moved part of W into A and B: a loader redoes that on the base first
+        "init_lora_weights": _one_value(layers, "init_lora_weights", lambda m: m.init_lora_weights),
+        **_loftq_entry(layers),
         "inference_mode": True,
         **{key: UNSUPPORTED[key] for key in WRITTEN_OFF},
     }
@@ -141,11 +149,15 @@ def adapter_state_dict(model):
     """
     tensors = {}
     for name, layer in _layers_of(model).items():
-        for part in ("lora_A", "lora_B"):
-            weight = getattr(layer, part).weight.detach()
-            key = f"{PREFIX}{name}.{part}.weight"
-            check_finite(weight, key, "model")
-            tensors[key] = weight.to("cpu").contiguous()
+        parts = {
+            f"{name}.lora_A.weight": layer.lora_A.weight,
+            f"{name}.lora_B.weight": layer.lora_B.weight,
+        }
+        if layer.use_dora:  # DoRA's magnitude m, saved under PEFT's key (no ".weight")
+            parts[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+        for key, weight in parts.items():
+            check_finite(weight.detach(), PREFIX + key, "model")
+            tensors[PREFIX + key] = weight.detach().to("cpu").contiguous()
     return tensors
 
 
@@ -170,7 +182,7 @@ def _base_fingerprint(model):
     n_params = sum(
         p.numel()
         for n, p in model.named_parameters()
-        if ".lora_A." not in n and ".lora_B." not in n
+        if ".lora_A." not in n and ".lora_B." not in n and "lora_magnitude_vector" not in n
     )
     return f"{len(linear_names(model))} linear layers, {n_params} parameters"
 
@@ -359,16 +371,24 @@ def read_adapter_config(path):
         value = config.get(key, off)
         if value not in (off, None, False, {}, [], ""):
             raise ValueError(f"{key}={value!r} is not supported by lora_lab; use PEFT for it")
+    init = config.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or init in INIT_CHOICES):
+        raise ValueError(
+            f"init_lora_weights={init!r} in {str(config_file)!r} is not supported by lora_lab "
+            f"(it knows {list(INIT_CHOICES)}); use PEFT for it"
+        )
     return config
 
 
-def _check_file(tensors, model, names, rank, weights_file):
+def _check_file(tensors, model, names, rank, weights_file, use_dora=False):
     """Every key used, every layer covered, every shape right: else raise before any change."""
     expected = {}
     for name in names:
         fan_in, fan_out = layer_features(model.get_submodule(name))
         expected[f"{PREFIX}{name}.lora_A.weight"] = (rank, fan_in)
         expected[f"{PREFIX}{name}.lora_B.weight"] = (fan_out, rank)
+        if use_dora:
+            expected[f"{PREFIX}{name}.lora_magnitude_vector"] = (fan_out,)
     unused = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
     if unused:
@@ -436,20 +456,27 @@ def load_adapter(model, path):
     _, weights_file = _adapter_files(path)
     rank, alpha = config["r"], config["lora_alpha"]
     dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
-    targets = config["target_modules"]
+    targets, use_dora = config["target_modules"], config.get("use_dora", False) or False
+    variant = {"use_dora": use_dora, "init_lora_weights": config.get("init_lora_weights", True)}
+    if variant["init_lora_weights"] == "loftq":
+        variant["loftq_config"] = config.get("loftq_config") or None
     try:
         check_hyperparameters(rank, alpha, dropout, use_rslora)
+        check_variant(**variant)
         names = find_target_modules(model, targets)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{err} (read from {str(path)!r}/{CONFIG_NAME})") from None
     _check_fan_in_fan_out(config.get("fan_in_fan_out", False), model, names, path)
     tensors, metadata = _read_weights(weights_file)
-    _check_file(tensors, model, names, rank, weights_file)
+    _check_file(tensors, model, names, rank, weights_file, use_dora)
     _check_base(metadata, model, weights_file)
 
-    apply_lora(model, rank, alpha, targets, dropout, use_rslora)
+    # PiSSA and LoftQ first move part of the base weight into A and B, as when they were made
+    apply_lora(model, rank, alpha, targets, dropout, use_rslora, **variant)
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
             layer.lora_A.weight.copy_(tensors[f"{PREFIX}{name}.lora_A.weight"])
             layer.lora_B.weight.copy_(tensors[f"{PREFIX}{name}.lora_B.weight"])
+            if use_dora:
+                layer.lora_magnitude_vector.copy_(tensors[f"{PREFIX}{name}.lora_magnitude_vector"])
     return model

@@ -6,8 +6,10 @@ A LoRA layer computes ``y = W x + b + scaling * B (A x)`` where ``W`` (out, in) 
 (``base_layer``, ``lora_A``, ``lora_B``, ``lora_dropout``, ``scaling``), so a model's
 state-dict keys are the ones PEFT writes in its adapter files.
 
-A little over 400 lines: the layer and the target matching that places it (PEFT's rules,
-with the errors that name what a pattern matched) are one concept, read together.
+The layer also carries LoRA's variants (chapter 11): DoRA (``use_dora``, a learned magnitude
+per output feature) and the PiSSA, LoftQ and Gaussian starts (``init_lora_weights``), whose
+math is in variants.py. About 580 lines: the layer and the target matching that places it
+(PEFT's rules, with the errors that name what a pattern matched) are one concept.
 """
 
 import math
@@ -17,16 +19,19 @@ import sys
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import validate
 from .hub import HALF  # the 16-bit floating types
 from .validate import boolean, finite_number, positive_int, probability
+from .variants import check_init, check_loftq_config, dora_weight_norm, loftq_factors, pissa_factors
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
 REGEX_TIMEOUT_S = 1.0  # the most one regex may take to match one module name
 MAX_PATTERN_LENGTH = 1000  # characters of a target_modules regex
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention projections
 MERGED_KEY = "lora_merged"  # a state-dict entry present only while a layer is merged
+DORA_NORM_KEY = "lora_dora_norm"  # a merged DoRA layer's ||W + dW||_c, kept for unmerge
 
 
 def is_conv1d(module):
@@ -98,6 +103,25 @@ def _adapter_dtype(adapter_dtype, base):
     return adapter_dtype
 
 
+def _check_init(init_lora_weights, loftq_config):
+    """Validate the init choice; return the LoftQ settings it uses (None unless "loftq")."""
+    check_init(init_lora_weights)
+    if init_lora_weights == "loftq":
+        return check_loftq_config(loftq_config)
+    if loftq_config is not None:
+        raise ValueError(
+            f"loftq_config={loftq_config!r} is only used with init_lora_weights='loftq', "
+            f"got init_lora_weights={init_lora_weights!r}"
+        )
+    return None
+
+
+def check_variant(use_dora=False, init_lora_weights=True, loftq_config=None):
+    """Validate the variant switches of apply_lora (chapter 11) before any layer changes."""
+    boolean("use_dora", use_dora)
+    _check_init(init_lora_weights, loftq_config)
+
+
 def check_hyperparameters(rank, alpha, dropout, use_rslora):
     """Validate LoRA hyperparameters that do not depend on a layer's shape."""
     positive_int("rank", rank)
@@ -123,12 +147,26 @@ class LoRALinear(nn.Module):
     layer's alone, so ``lora_A`` and ``lora_B`` get no gradients: unmerge before training.
     """
 
-    def __init__(self, base, rank=8, alpha=16, dropout=0.0, use_rslora=False, adapter_dtype=None):
+    def __init__(
+        self,
+        base,
+        rank=8,
+        alpha=16,
+        dropout=0.0,
+        use_rslora=False,
+        adapter_dtype=None,
+        *,
+        use_dora=False,
+        init_lora_weights=True,
+        loftq_config=None,
+    ):
         super().__init__()
         _check_base(base, rank)
         finite_number("alpha", alpha, minimum=0)
         probability("dropout", dropout)
         boolean("use_rslora", use_rslora)
+        boolean("use_dora", use_dora)
+        loftq_config = _check_init(init_lora_weights, loftq_config)
         dtype = _adapter_dtype(adapter_dtype, base)
 
         self.base_layer = base.requires_grad_(False)  # frozen W (out, in) and b (out,)
@@ -142,13 +180,57 @@ class LoRALinear(nn.Module):
         kw = {"bias": False, "device": base.weight.device, "dtype": dtype}
         self.lora_A = nn.Linear(self.in_features, self.rank, **kw)  # A: (rank, in)
         self.lora_B = nn.Linear(self.rank, self.out_features, **kw)  # B: (out, rank)
-        self.reset_lora_parameters()
+        self.init_lora_weights, self.loftq_config = init_lora_weights, loftq_config
+        self.use_dora = use_dora
+        self.register_parameter("lora_magnitude_vector", None)  # DoRA's m, (out,)
         self.merged = False
+        if init_lora_weights in ("pissa", "loftq"):
+            self._init_from_weight()  # moves part of W into A and B
+        else:
+            self.reset_lora_parameters()
+        if use_dora:  # after the init, as in PEFT: m starts at the norms of W + s B A
+            norm = dora_weight_norm(self._weight_out_in(), self.delta_weight().detach())
+            self.lora_magnitude_vector = nn.Parameter(norm.to(dtype))
 
     def reset_lora_parameters(self):
-        """A ~ Kaiming-uniform (as nn.Linear's default and PEFT's), B = 0: the update starts at 0."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        """PEFT's starts that leave W alone: the update BA starts at 0 unless init is False.
+
+        True: A ~ Kaiming-uniform (nn.Linear's default), B = 0. "gaussian": A ~ N(0, 1/r^2),
+        B = 0. False: A and B both Kaiming-uniform (a random, non-zero update, for tests).
+        """
+        init = self.init_lora_weights
+        if init in ("pissa", "loftq"):
+            raise ValueError(
+                f"init_lora_weights={init!r} changed the base weight when the layer was built; "
+                "build a new LoRALinear on the original weight to start again"
+            )
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.rank)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def _init_from_weight(self):
+        """PiSSA or LoftQ: A and B from the SVD of (part of) W; the frozen weight keeps the rest."""
+        weight = self._weight_out_in()  # (out, in)
+        if self.init_lora_weights == "pissa":
+            A, B, frozen = pissa_factors(weight, self.rank, self.scaling)
+        else:
+            bits, steps = self.loftq_config["loftq_bits"], self.loftq_config["loftq_iter"]
+            A, B, frozen = loftq_factors(weight, self.rank, bits, steps)
+        self.lora_A.weight.copy_(A)
+        self.lora_B.weight.copy_(B)
+        stored = self.base_layer.weight
+        stored.copy_((frozen.T if self.fan_in_fan_out else frozen).to(stored.dtype))
+
+    def _weight_out_in(self):
+        """The base weight as (out, in), whatever its storage (a Conv1D keeps (in, out))."""
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
 
     @property
     def in_features(self):
@@ -172,8 +254,27 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y  # the update already sits inside base_layer.weight
         x = x.to(self.lora_A.weight.dtype)  # fp32 adapters on a 16-bit base see fp32 inputs
-        update = self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))  # (..., out)
+        dropped = self.lora_dropout(x)
+        update = self.scaling * self.lora_B(self.lora_A(dropped))  # (..., out)
+        if self.use_dora:
+            return self._dora_forward(x, dropped, y, update)
         return (y + update).to(y.dtype)
+
+    def _dora_forward(self, x, dropped, y, update):
+        """DoRA: y = m / ||W + sBA||_c * (W x + s B A x) + b, the norm a constant (no gradient).
+
+        Written as PEFT adds it to the base output y: (m/n - 1) * W x + (m/n) * s B A x, where
+        W x is y without its bias, or, when dropout is active, W applied to the dropped input.
+        """
+        weight = self._weight_out_in().to(x.dtype)  # (out, in)
+        norm = dora_weight_norm(weight, self.delta_weight().detach().to(x.dtype)).detach()
+        ratio = self.lora_magnitude_vector / norm  # (out,)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base = y if bias is None else y - bias  # W x, from the base layer's own output
+        else:
+            base = F.linear(dropped, weight)  # W x on the dropped input
+        return (y + (ratio - 1) * base + ratio * update).to(y.dtype)
 
     def delta_weight(self):
         """The update ``scaling * B @ A`` as an (out, in) matrix, in the adapter's dtype."""
@@ -189,10 +290,23 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """Add the update to the base weight; forward then costs what the base costs."""
+        """Add the update to the base weight; forward then costs what the base costs.
+
+        With DoRA the merged weight is m / ||W + dW||_c * (W + dW); the norms are kept
+        (``lora_dora_norm``, saved with a merged layer) so that unmerge can divide them out.
+        """
         if self.merged:
             raise RuntimeError("merge() called on a LoRALinear that is already merged")
-        self.base_layer.weight.add_(self._delta_as_stored())
+        if self.use_dora:
+            weight = self._weight_out_in()
+            delta = self.delta_weight().to(weight.dtype)
+            norm = dora_weight_norm(weight.float(), delta.float())  # (out,)
+            ratio = (self.lora_magnitude_vector.float() / norm)[:, None]  # (out, 1)
+            merged = (ratio * (weight.float() + delta.float())).to(weight.dtype)
+            self.base_layer.weight.copy_(merged.T if self.fan_in_fan_out else merged)
+            self.register_buffer(DORA_NORM_KEY, norm)
+        else:
+            self.base_layer.weight.add_(self._delta_as_stored())
         self.merged = True
 
     @torch.no_grad()
@@ -200,7 +314,15 @@ class LoRALinear(nn.Module):
         """Subtract the update from the base weight again (exact up to float rounding)."""
         if not self.merged:
             raise RuntimeError("unmerge() called on a LoRALinear that is not merged")
-        self.base_layer.weight.sub_(self._delta_as_stored())
+        if self.use_dora:
+            norm = getattr(self, DORA_NORM_KEY)
+            weight = self._weight_out_in().float()
+            ratio = (self.lora_magnitude_vector.float() / norm)[:, None]
+            original = (weight / ratio - self.delta_weight().float()).to(self.weight.dtype)
+            self.base_layer.weight.copy_(original.T if self.fan_in_fan_out else original)
+            delattr(self, DORA_NORM_KEY)
+        else:
+            self.base_layer.weight.sub_(self._delta_as_stored())
         self.merged = False
 
     # A merged layer's base weight holds the update. Its state dict says so (``lora_merged``),
@@ -213,13 +335,26 @@ class LoRALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         flag = state_dict.pop(prefix + MERGED_KEY, None)
+        norm = state_dict.pop(prefix + DORA_NORM_KEY, None)
+        if hasattr(self, DORA_NORM_KEY):
+            delattr(self, DORA_NORM_KEY)  # the norms a merge kept belong to the old weights
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.merged = bool(flag) if flag is not None else False
+        if self.merged and self.use_dora:
+            if norm is None:
+                raise ValueError(
+                    f"{prefix}: a merged DoRA layer's state dict must hold {DORA_NORM_KEY!r} "
+                    "(the norms unmerge divides out)"
+                )
+            self.register_buffer(DORA_NORM_KEY, norm.clone())
 
     def extra_repr(self):
+        extra = f", use_dora={self.use_dora}" if self.use_dora else ""
+        if self.init_lora_weights is not True:
+            extra += f", init_lora_weights={self.init_lora_weights!r}"
         return (
             f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, "
-            f"use_rslora={self.use_rslora}, merged={self.merged}"
+            f"use_rslora={self.use_rslora}{extra}, merged={self.merged}"
         )
 
 
@@ -363,6 +498,10 @@ def apply_lora(
     dropout=0.0,
     use_rslora=False,
     adapter_dtype=None,
+    *,
+    use_dora=False,
+    init_lora_weights=True,
+    loftq_config=None,
 ):
     """Wrap the selected linear layers of ``model`` in LoRALinear (in place); return ``model``.
 
@@ -370,9 +509,11 @@ def apply_lora(
     module name, a string is a regex that must match the full name, and ``"all-linear"``
     selects every linear layer but the output head. Every parameter that is not a LoRA
     parameter is frozen. ``adapter_dtype`` None keeps adapters in float32 on a 16-bit model,
-    as PEFT does; pass the model's dtype for 16-bit adapters.
+    as PEFT does; pass the model's dtype for 16-bit adapters. ``use_dora``, ``init_lora_weights``
+    and ``loftq_config`` choose LoRA's variants (chapter 11), with PEFT's names and meanings.
     """
     check_hyperparameters(rank, alpha, dropout, use_rslora)
+    check_variant(use_dora, init_lora_weights, loftq_config)
     if adapter_dtype is not None:
         _adapter_dtype(adapter_dtype, None)  # reject a bad value before looking at the model
     names = find_target_modules(model, target_modules)
@@ -383,15 +524,26 @@ def apply_lora(
             raise type(err)(f"{err} (layer {name!r})") from None
     for name in names:
         base = model.get_submodule(name)
-        replace_module(
-            model, name, LoRALinear(base, rank, alpha, dropout, use_rslora, adapter_dtype)
+        variant = {"use_dora": use_dora, "init_lora_weights": init_lora_weights}
+        layer = LoRALinear(
+            base,
+            rank,
+            alpha,
+            dropout,
+            use_rslora,
+            adapter_dtype,
+            **variant,
+            loftq_config=loftq_config,
         )
+        replace_module(model, name, layer)
     for param in model.parameters():
         param.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.lora_A.weight.requires_grad_(True)
             module.lora_B.weight.requires_grad_(True)
+            if module.use_dora:
+                module.lora_magnitude_vector.requires_grad_(True)
     return model
 
 

@@ -42,6 +42,7 @@ NF4_OFFSET = 0.9677083  # outer NF4 quantile 1 - (1/30 + 1/32) / 2, to 7 digits 
 NF4_BLOCKSIZE = 64  # bitsandbytes' 4-bit default: one absmax per 64 weights
 DQ_BLOCKSIZE = 256  # double quantization: block constants are quantized 256 at a time
 QUANT_TYPES = ("nf4", "fp4", "e2m1", "int4")  # "fp4" is bitsandbytes' FP4
+NF_BITS = (2, 3, 4)  # widths nf_levels builds
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TINY = torch.finfo(torch.float32).tiny  # stands in for absmax = 0 (an all-zero block)
 _CHUNK_BYTES = 1 << 14  # dequantize() on a CPU: 16 KiB of codes at a time
@@ -66,6 +67,41 @@ def nf4_codebook(device=None):
     zero = torch.zeros(1, dtype=torch.float64)  # the median: an exact zero level
     levels = torch.cat([neg, zero, pos]).float().sort().values  # (16,)
     return (levels / levels.max()).to(device)  # normalized so the largest level is 1
+
+
+def nf_levels(bits, device=None):
+    """The sorted NF levels of a ``bits``-wide code (2, 3 or 4): NF4's construction at any width.
+
+    2**(bits-1) positive quantiles, 2**(bits-1) - 1 negative ones and an exact zero, spaced
+    in probability from the median out to NF4_OFFSET as ``nf4_codebook`` does (LoftQ's NF2
+    and NF3 keep the same offset). ``nf_levels(4)`` is ``nf4_codebook()``, bit for bit.
+    """
+    if isinstance(bits, bool) or bits not in NF_BITS:
+        raise ValueError(f"bits must be one of {list(NF_BITS)}, got {bits!r}")
+    half = 2 ** (bits - 1)
+    pos_p = torch.linspace(NF4_OFFSET, 0.5, half + 1, dtype=torch.float32)[:-1]
+    neg_p = torch.linspace(NF4_OFFSET, 0.5, half, dtype=torch.float32)[:-1]
+    pos, neg = torch.special.ndtri(pos_p.double()), -torch.special.ndtri(neg_p.double())
+    levels = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).float().sort().values
+    return (levels / levels.max()).to(device)
+
+
+def nf_roundtrip(w, bits=4, blocksize=NF4_BLOCKSIZE):
+    """``w`` quantized blockwise to the NF levels of ``bits`` bits and dequantized, in float32.
+
+    The value each weight has after quantization: the nearest level times its block's absmax.
+    At 4 bits this is ``quantize_nf4(w, blocksize).dequantize(torch.float32)`` exactly; at 2 and
+    3 bits it simulates formats bitsandbytes has no kernel for (LoftQ's low-bit settings).
+    """
+    _check_tensor(w, "w")
+    _check_blocksize(blocksize)
+    levels = nf_levels(bits, w.device)
+    flat = w.detach().reshape(-1).float()
+    scaled, absmax = _scaled_blocks(flat, blocksize)  # (n,), (n_blocks,)
+    _check_finite(w, absmax, "w")
+    values = levels[_nearest(scaled, levels)]  # (n,) in [-1, 1]
+    scale = absmax.repeat_interleave(blocksize)[: flat.numel()]  # each value's block absmax
+    return (values * scale).view(w.shape)
 
 
 def e2m1_codebook(device=None):

@@ -16,6 +16,7 @@ from .data import as_task
 from .hub import HALF
 from .measure import measure_state_bytes, peak_rss_bytes, sync
 from .validate import finite_number, int_at_least, module_with_parameters
+from .variants import create_loraplus_optimizer
 
 IGNORE = -100  # label of positions that carry no loss (prompt and padding)
 
@@ -144,6 +145,7 @@ def train(
     seed=0,
     progress=True,
     autocast_dtype=None,
+    loraplus_lr_ratio=None,
 ):
     """Fine-tune the parameters of ``model`` that require grad on ``task``'s train split.
 
@@ -153,7 +155,8 @@ def train(
     weights and optimizer in 32); frozen weights may be 16-bit. On CUDA, float16 anywhere in
     the forward pass turns on a gradient scaler, so small gradients do not underflow.
 
-    AdamW, loss on target tokens only, batches drawn from reshuffled epochs. Seeds torch with
+    AdamW, loss on target tokens only, batches drawn from reshuffled epochs. With
+    ``loraplus_lr_ratio``, LoRA+: the B side trains at ``lr * loraplus_lr_ratio`` (chapter 11). Seeds torch with
     ``seed`` (dropout) and draws batches from its own generator, so a CPU run is repeatable.
     Returns a TrainHistory whose ``memory`` holds: ``params``, ``grads``, ``optimizer``,
     ``total`` (bytes measured on the tensors after the first step), ``peak_rss`` (the process's
@@ -200,7 +203,12 @@ def train(
     )
     scaler = torch.amp.GradScaler("cuda", enabled=fp16 and device.type == "cuda")
     examples = encode_pairs(task.train, tokenizer, _context_length(model))
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    if loraplus_lr_ratio is None:
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    else:
+        optimizer = create_loraplus_optimizer(
+            model, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio, loraplus_weight_decay=weight_decay
+        )
     history = TrainHistory(
         task=task.name,
         steps=steps,

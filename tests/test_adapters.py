@@ -277,7 +277,7 @@ def test_pickles_are_refused_and_never_loaded(tmp_path, monkeypatch):
     "key,value",
     [
         ("peft_type", "IA3"),
-        ("use_dora", True),
+        ("init_lora_weights", "olora"),
         ("bias", "all"),
         ("rank_pattern", {"q_proj": 8}),
         ("modules_to_save", ["lm_head"]),
