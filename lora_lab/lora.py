@@ -186,7 +186,7 @@ class LoRALinear(nn.Module):
         self.merged = False
         if init_lora_weights in ("pissa", "loftq"):
             self._init_from_weight()  # moves part of W into A and B
-        else:
+        elif init_lora_weights is not False:  # False keeps nn.Linear's random A and B, as PEFT
             self.reset_lora_parameters()
         if use_dora:  # after the init, as in PEFT: m starts at the norms of W + s B A
             norm = dora_weight_norm(self._weight_out_in(), self.delta_weight().detach())
