@@ -77,7 +77,17 @@ class Run:
 
 
 def finetune(
-    base, task, steps, lr, *, lora=None, batch_size=16, seed=0, tokenizer=None, progress=False
+    base,
+    task,
+    steps,
+    lr,
+    *,
+    lora=None,
+    batch_size=16,
+    seed=0,
+    tokenizer=None,
+    progress=False,
+    loraplus_lr_ratio=None,
 ):
     """Train a copy of ``base`` on ``task`` and score it; ``base`` itself is left untouched.
 
@@ -85,7 +95,8 @@ def finetune(
     LoRA run, or None to fine-tune every parameter. Full fine-tuning of a 16-bit ``base``
     trains a float32 copy (master weights) with the matmuls in the base's 16-bit type
     (``train``'s ``autocast_dtype``), and scores it the same way; LoRA keeps the 16-bit base
-    and float32 adapters. Returns a :class:`Run`.
+    and float32 adapters. ``loraplus_lr_ratio`` trains a LoRA run with LoRA+ (``train``'s).
+    Returns a :class:`Run`.
     """
     module_with_parameters("base", base)
     task = as_task(task)
@@ -107,7 +118,7 @@ def finetune(
     reset = reset_peak_rss()
     before = current_rss()
     history = train(model, task, steps, lr, batch_size, tokenizer, seed=seed, progress=progress,
-                    autocast_dtype=autocast_dtype)  # fmt: skip
+                    autocast_dtype=autocast_dtype, loraplus_lr_ratio=loraplus_lr_ratio)  # fmt: skip
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         scores = score(model, task, tokenizer=tokenizer)
