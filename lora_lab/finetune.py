@@ -139,8 +139,8 @@ def check_args(args, world):
     if args.method == "qlora" and args.strategy == "fsdp":
         raise ValueError(
             "--method qlora with --strategy fsdp: lora_lab's QLoRA layer keeps its 4-bit base "
-            "in buffers, which FSDP does not shard, so nothing would be saved; use --strategy "
-            "ddp, or transformers + bitsandbytes with bnb_4bit_quant_storage (chapter 13)"
+            "in buffers, which FSDP does not shard: every rank would hold the whole base. Use "
+            "--strategy ddp, or transformers + bitsandbytes with bnb_4bit_quant_storage"
         )
     out = args.output
     if out.is_symlink() or (out.exists() and not out.is_dir()):
