@@ -11,8 +11,6 @@ to the 4-bit (or 3- or 2-bit) frozen weight: the error QLoRA, PiSSA and LoftQ be
 import math
 from pathlib import Path
 
-import torch
-
 from .experiments import _record, choose_lr, finetune, lr_ladder, seed_stats
 from .validate import finite_number, int_at_least, module
 
@@ -217,23 +215,27 @@ def loraplus_sweep(results):
 # ----------------------------------------------------------------------------- quantization
 
 
-def _pieces(weight, method, bits, rank, scaling):
-    """(frozen, update) each start puts in place of ``weight`` (out, in), both float32."""
+FROZEN_METHODS = ("QLoRA", "PiSSA", "LoftQ, 1 step", "LoftQ, 5 steps")
+
+
+def _layer_errors(weight, bits, rank, scaling):
+    """{method: ||W - (frozen + update)||_F^2} for one weight (out, in) at ``bits`` bits."""
     from .quant import nf_roundtrip
-    from .variants import loftq_factors, pissa_factors
+    from .variants import loftq_steps, pissa_factors
 
     w = weight.detach().float()
-    if method == "QLoRA":
-        return nf_roundtrip(w, bits), torch.zeros_like(w)
-    if method == "PiSSA":
-        A, B, residual = pissa_factors(w, rank, scaling)
-        return nf_roundtrip(residual, bits), scaling * (B @ A)
-    steps = {"LoftQ, 1 step": 1, "LoftQ, 5 steps": 5}[method]
-    A, B, Q = loftq_factors(w, rank, bits, steps)
-    return Q, B @ A  # LoftQ's start Q + B A (the paper's, and PEFT's when scaling is 1)
-
-
-FROZEN_METHODS = ("QLoRA", "PiSSA", "LoftQ, 1 step", "LoftQ, 5 steps")
+    A, B, residual = pissa_factors(w, rank, scaling)  # residual + s B A = W exactly
+    errors = {
+        "QLoRA": (w - nf_roundtrip(w, bits)).square().sum().item(),
+        "PiSSA": (residual - nf_roundtrip(residual, bits)).square().sum().item(),
+    }
+    for step, (A, B, Q) in enumerate(loftq_steps(w, rank, bits), start=1):
+        if step in (1, 5):  # LoftQ's start Q + B A (the paper's; PEFT's when scaling is 1)
+            errors[f"LoftQ, {step} step" + ("s" if step > 1 else "")] = (
+                (w - Q - B @ A).square().sum().item()
+            )
+        if step == 5:
+            return errors
 
 
 def frozen_errors(model, bits=(4, 3, 2), rank=RANK, alpha=ALPHA, targets="all-linear"):
@@ -247,15 +249,12 @@ def frozen_errors(model, bits=(4, 3, 2), rank=RANK, alpha=ALPHA, targets="all-li
 
     module("model", model)
     names = find_target_modules(model, targets)
-    scaling = alpha / rank
     totals, norm = {}, 0.0
     for name in names:
         layer = model.get_submodule(name)
         weight = layer.weight.T if is_conv1d(layer) else layer.weight  # (out, in)
         norm += weight.float().square().sum().item()
         for b in bits:
-            for method in FROZEN_METHODS:
-                frozen, update = _pieces(weight, method, b, rank, scaling)
-                err = (weight.float() - frozen - update).square().sum().item()
+            for method, err in _layer_errors(weight, b, rank, alpha / rank).items():
                 totals[method, b] = totals.get((method, b), 0.0) + err
     return {key: math.sqrt(value / norm) for key, value in totals.items()}

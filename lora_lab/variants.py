@@ -91,27 +91,39 @@ def pissa_factors(weight, rank, scaling):
 def loftq_factors(weight, rank, num_bits=4, num_iter=1, blocksize=64):
     """LoftQ's start: ``(A, B, Q)``, Q a dequantized NF weight and B @ A the SVD of W - Q.
 
-    Alternates ``num_iter`` times: quantize the part low rank does not hold, Q = NF(W - B A),
-    then refit B A to the top-``rank`` SVD of W - Q (sqrt of the singular values on each side).
-    As in PEFT, A and B are not divided by the layer's scaling: the start is Q + scaling * B A,
-    which equals LoftQ's Q + B A only when scaling is 1 (alpha = r; PEFT issue #1982).
+    Alternates ``num_iter`` times (``loftq_steps``): quantize the part low rank does not hold,
+    Q = NF(W - B A), then refit B A to the top-``rank`` SVD of W - Q. As in PEFT, A and B are
+    not divided by the layer's scaling: the start is Q + scaling * B A, which equals LoftQ's
+    Q + B A only when scaling is 1 (alpha = r; PEFT issue #1982).
+    """
+    validate.int_at_least("num_iter", num_iter)
+    for step, factors in enumerate(loftq_steps(weight, rank, num_bits, blocksize), start=1):
+        if step == num_iter:
+            return factors
+
+
+def loftq_steps(weight, rank, num_bits=4, blocksize=64):
+    """LoftQ's alternation, one ``(A, B, Q)`` per step, for as many steps as are taken from it.
+
+    Q = NF(W - B A) on the course's NF levels of ``num_bits`` bits (B A = 0 at first), then
+    B = U_r sqrt(S_r) and A = sqrt(S_r) V_r^T from the SVD of W - Q (sqrt of each singular
+    value on each side, as PEFT splits it). Computed in float32; Q comes back in W's dtype.
     """
     from .quant import nf_roundtrip
 
     validate.matrix("weight", weight)
     validate.int_between("rank", rank, 1, min(weight.shape))
     _check_bits("num_bits", num_bits)
-    validate.int_at_least("num_iter", num_iter)
     w = weight.detach().float()
     residual = w
-    for step in range(num_iter):
-        Q = nf_roundtrip(residual, num_bits, blocksize)  # (out, in), exact NF levels * absmax
-        U, S, Vh = torch.linalg.svd(w - Q, full_matrices=False)
-        root = torch.sqrt(S[:rank])
-        B, A = U[:, :rank] * root[None, :], root[:, None] * Vh[:rank]  # (out, r), (r, in)
-        if step + 1 < num_iter:
+    while True:
+        with torch.no_grad():
+            Q = nf_roundtrip(residual, num_bits, blocksize)  # (out, in): NF levels x absmax
+            U, S, Vh = torch.linalg.svd(w - Q, full_matrices=False)
+            root = torch.sqrt(S[:rank])
+            B, A = U[:, :rank] * root[None, :], root[:, None] * Vh[:rank]  # (out, r), (r, in)
             residual = w - B @ A
-    return A, B, Q.to(weight.dtype)
+        yield A, B, Q.to(weight.dtype)
 
 
 # ----------------------------------------------------------------------------- LoRA+
