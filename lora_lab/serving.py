@@ -188,12 +188,14 @@ def multi_lora_layers(model):
 
 
 def _inside(name, prefixes):
-    return any(name.startswith(p + ".") for p in prefixes)
+    """True if a proper prefix of the dotted ``name`` is in the set ``prefixes``."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
 
 
 def _candidates(model):
     """Names of the layers an adapter may target: linear layers, wrapped or not."""
-    multi = list(multi_lora_layers(model))
+    multi = set(multi_lora_layers(model))
     return [
         n
         for n, m in model.named_modules()
@@ -211,7 +213,7 @@ def find_targets(model, target_modules):
         head = _output_head(model)
         names = [n for n in linear if model.get_submodule(n) is not head]
     else:
-        multi = list(multi_lora_layers(model))
+        multi = set(multi_lora_layers(model))
         names = [
             n
             for n, _ in model.named_modules()
@@ -255,7 +257,7 @@ class _BaseView:
         return _base_of(self.model.get_submodule(name))
 
     def named_modules(self):
-        own = [f"{m}.{part}" for m in self.multi for part in ("lora_A", "lora_B")]
+        own = {f"{m}.{part}" for m in self.multi for part in ("lora_A", "lora_B")}
         return [(n, m) for n, m in self.model.named_modules() if not _inside(n, own)]
 
     def named_parameters(self):
@@ -265,12 +267,16 @@ class _BaseView:
 # ----------------------------------------------------------------------------- names
 
 
-def list_adapters(model):
-    """The adapter names on ``model``, in the order they were added."""
+def _names_of(layers):
     names = {}
-    for layer in multi_lora_layers(model).values():
+    for layer in layers:
         names.update(dict.fromkeys(layer.r))
     return tuple(names)
+
+
+def list_adapters(model):
+    """The adapter names on ``model``, in the order they were added."""
+    return _names_of(multi_lora_layers(model).values())
 
 
 def active_adapter(model):
@@ -294,8 +300,8 @@ def _new_name(model, adapter_name):
         )
 
 
-def _known_name(model, adapter_name, arg="adapter_name"):
-    names = list_adapters(model)
+def _known_name(model, adapter_name, arg="adapter_name", names=None):
+    names = list_adapters(model) if names is None else names
     if adapter_name not in names:
         raise ValueError(
             f"{arg} {adapter_name!r} is not on the model; its adapters are {list(names)}"
@@ -427,10 +433,10 @@ def load_named_adapter(model, path, adapter_name):
 
 def set_adapter(model, adapter_name):
     """Make ``adapter_name`` the active adapter of every layer; None: the base model alone."""
-    validate.module("model", model)
+    layers = multi_lora_layers(model).values()
     if adapter_name is not None:
-        _known_name(model, adapter_name)
-    for layer in multi_lora_layers(model).values():
+        _known_name(model, adapter_name, names=_names_of(layers))
+    for layer in layers:
         layer.active_adapter = adapter_name
     return model
 
@@ -454,13 +460,12 @@ def delete_adapter(model, adapter_name):
 # ----------------------------------------------------------------------------- mixed batches
 
 
-def _check_row_names(model, adapter_names):
+def _check_row_names(known, adapter_names):
     if not isinstance(adapter_names, (list, tuple)) or not adapter_names:
         raise TypeError(
             f"adapter_names must be a non-empty list of adapter names (one per row), "
             f"got {adapter_names!r}"
         )
-    known = list_adapters(model)
     rows = [BASE if n is None else n for n in adapter_names]
     for i, name in enumerate(rows):
         if name != BASE and name not in known:
@@ -483,7 +488,7 @@ def mixed_batch(model, adapter_names):
     layers = list(multi_lora_layers(model).values())
     if not layers:
         raise ValueError("model has no adapters; add_adapter or load_named_adapter first")
-    rows = _check_row_names(model, adapter_names)
+    rows = _check_row_names(_names_of(layers), adapter_names)
     if model.training:
         raise ValueError("mixed_batch is for inference: call model.eval() first")
     for layer in layers:
