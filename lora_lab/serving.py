@@ -9,6 +9,9 @@ rows are grouped by adapter and each group gets its own low-rank update, as PEFT
 
 The layers are for serving: their adapter weights are frozen. Train an adapter with
 ``apply_lora`` and ``train``, save it with ``save_adapter``, then load it here by name.
+
+Over 500 lines: the layer, the matching of its targets, and the checks every public function
+makes on names, rows and files (reusing ``lora_lab.adapters``' readers) are one concept.
 """
 
 import contextlib
@@ -152,7 +155,7 @@ class MultiLoRALinear(nn.Module):
     def delta_weight(self, name):
         """Adapter ``name``'s update ``scaling * B @ A`` as an (out, in) matrix."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        return self.scaling[name] * (B.float() @ A.float()).to(A.dtype)
+        return (self.scaling[name] * (B.float() @ A.float())).to(A.dtype)  # accumulate in fp32
 
     def extra_repr(self):
         shown = ", ".join(f"{n} (r={self.r[n]}, scaling={self.scaling[n]:g})" for n in self.r)
