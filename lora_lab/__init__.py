@@ -17,7 +17,7 @@ import os
 # lora_lab keeps the runtime's default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # adapters in PEFT's format (chapter 7)
 from lora_lab.adapters import load_adapter, save_adapter  # noqa: E402
@@ -71,6 +71,17 @@ from lora_lab.quant import (  # noqa: E402
     quantize_nf4,
 )
 
+# several named adapters on one base, mixed batches, hot-swapping (chapter 12)
+from lora_lab.serving import (  # noqa: E402
+    add_adapter,
+    delete_adapter,
+    hot_swap,
+    list_adapters,
+    load_named_adapter,
+    mixed_batch,
+    set_adapter,
+)
+
 # model specs and presets (chapter 1)
 from lora_lab.specs import PRESETS, ModelSpec  # noqa: E402
 from lora_lab.tokenizer import CharTokenizer  # noqa: E402
@@ -81,59 +92,70 @@ from lora_lab.training import evaluate, generate, train  # noqa: E402
 # utils: seeding, device choice, environment report
 from lora_lab.utils import get_device, in_colab, print_versions, set_seed  # noqa: E402
 
+# LoRA's variants: the PiSSA and LoftQ starts, LoRA+'s optimizer (chapter 11)
+from lora_lab.variants import create_loraplus_optimizer  # noqa: E402
+
 # the memory calculator widget (chapter 1)
 from lora_lab.widgets import memory_calculator  # noqa: E402
 
 __all__ = [
-    "GPT",
-    "PRESETS",
-    "TASKS",
-    "CharTokenizer",
-    "GPTConfig",
-    "LoRALinear",
-    "ModelSpec",
-    "QLoRALinear",
-    "QuantizedTensor",
     "__version__",
+    "add_adapter",
     "apply_lora",
     "apply_qlora",
+    "CharTokenizer",
     "chosen_model",
     "count_parameters",
+    "create_loraplus_optimizer",
+    "delete_adapter",
     "dynamic_map",
+    "e2m1_codebook",
     "energy_captured",
     "estimate_memory",
     "evaluate",
-    "e2m1_codebook",
     "fp4_codebook",
     "generate",
     "get_device",
     "get_task",
+    "GPT",
+    "GPTConfig",
     "half_dtype",
+    "hot_swap",
     "in_colab",
     "int4_codebook",
     "interleaved_times",
     "is_shipped",
     "lesson_table",
+    "list_adapters",
     "load_adapter",
     "load_model",
+    "load_named_adapter",
     "load_pretrained",
     "logits_agree",
+    "LoRALinear",
     "low_rank_approx",
     "measure_state_bytes",
     "median",
     "memory_calculator",
     "merge_lora",
+    "mixed_batch",
+    "ModelSpec",
     "nf4_codebook",
+    "PRESETS",
     "print_versions",
+    "QLoRALinear",
     "quantize_4bit",
     "quantize_e2m1",
     "quantize_fp4",
     "quantize_int4",
     "quantize_nf4",
+    "QuantizedTensor",
     "sample_image",
     "save_adapter",
     "save_random_model",
+    "set_adapter",
     "set_seed",
+    "TASKS",
     "train",
     "train_settings",
 ]
