@@ -28,7 +28,8 @@ def variants_plan(base, quick=False):
     the shipped model (the chapter asserts every chosen rate has a worse one on each side):
     LoRA and DoRA around chapter 8's; rsLoRA, PiSSA and LoRA+ lower, since their updates start
     larger (rsLoRA's scaling is sqrt(r) = 2.8 times alpha/r; PiSSA starts from W's largest
-    directions; LoRA+ moves B 16 times faster). ``quick``: a toy size for tests.
+    directions; LoRA+ moves B 16 times faster). LoRA also runs at sqrt(r) times rsLoRA's rates
+    (part "equivalent"). ``quick``: a toy size for tests.
     """
     from .hub import train_settings
 
@@ -49,12 +50,13 @@ def variants_plan(base, quick=False):
         "PiSSA": lr_ladder(center, 3, 1),
         "LoRA+": lr_ladder(center, 4, 0),
     }
-    ratios, ratio_grid = [2, 4, 8, 32], lr_ladder(center, 3, 0)
+    ratios, ratio_grid = [2, 4, 8, 32], lr_ladder(center, 3, 1)
     seeds, steps = [0, 1, 2], STEPS
     if quick:
         seeds, steps, ratios = [0], 3, [4]
         grids = {m: g[1:3] for m, g in grids.items()}
         ratio_grid = ratio_grid[1:3]
+        # (the equivalent rates follow rsLoRA's shortened grid)
     return {
         "task": TASK,
         "steps": steps,
@@ -64,6 +66,9 @@ def variants_plan(base, quick=False):
         "lr_grid": grids,
         "ratios": ratios,  # LoRA+ ratios besides 1 (LoRA) and LORAPLUS_RATIO (the method)
         "ratio_lr_grid": ratio_grid,
+        # LoRA at sqrt(r) times each rsLoRA rate: under AdamW, rsLoRA's larger scaling acts
+        # like a larger learning rate, and these runs test by how much
+        "equivalent_lrs": [lr * math.sqrt(RANK) for lr in grids["rsLoRA"]],
     }
 
 
@@ -91,6 +96,10 @@ def run_variants(base, tokenizer, plan, log=None):
                 runs.append(_train(base, tokenizer, plan, "methods", method, lr, seed, config))
                 log(_line(runs[-1]))
     lora = plan["methods"]["LoRA"]
+    for lr in plan["equivalent_lrs"]:
+        for seed in plan["seeds"]:
+            runs.append(_train(base, tokenizer, plan, "equivalent", "LoRA", lr, seed, lora))
+            log(_line(runs[-1]))
     for ratio in plan["ratios"]:
         for lr in plan["ratio_lr_grid"]:
             for seed in plan["seeds"]:
@@ -209,6 +218,36 @@ def loraplus_sweep(results):
             "exact": seed_stats([100 * r["test"]["exact"] for r in runs]),
             "train_loss": seed_stats([r["train_loss"] for r in runs]),
         }
+    return out
+
+
+def rslora_equivalence(results):
+    """``{rsLoRA's rate: {...}}``: rsLoRA at each rate beside LoRA at sqrt(r) times it.
+
+    Mean final training loss and test exact match over seeds, for both; a diverged run makes
+    its side's loss None.
+    """
+    plan = results["plan"]
+    factor = math.sqrt(plan["methods"]["rsLoRA"]["rank"])
+    out = {}
+    for lr in plan["lr_grid"]["rsLoRA"]:
+        sides = {
+            "rsLoRA": [r for r in _runs(results, "rsLoRA") if r["lr"] == lr],
+            "LoRA at sqrt(r) x lr": [
+                r
+                for r in results["runs"]
+                if r["part"] == "equivalent" and math.isclose(r["lr"], lr * factor)
+            ],
+        }
+        row = {}
+        for side, runs in sides.items():
+            done = [r for r in runs if not r["diverged"]]
+            full = runs and len(done) == len(runs)
+            row[f"{side}: loss"] = sum(r["train_loss"] for r in done) / len(done) if full else None
+            row[f"{side}: exact %"] = (
+                sum(100 * r["test"]["exact"] for r in done) / len(done) if full else None
+            )
+        out[lr] = row
     return out
 
 

@@ -11,7 +11,8 @@ kinds, and each kind has its judge:
 - a bound, "80 GB+", "fits in 24 GB", "within 1-2%": ``judge_bound`` (met, within a factor 2, or
   neither);
 - a direction, "faster", "a higher learning rate": ``judge_direction`` on the ratio of the two
-  sides (beyond a 10% margin, inside it, or the other way);
+  sides (beyond a 10% margin, inside it, or the other way); measured over seeds, "scores
+  higher": ``judge_better``, which also asks the gap to exceed twice its standard error;
 - a recommended setting or range ("rank 8-64", "q_proj and v_proj"), on a grid of runs over
   seeds: ``judge_choice`` (the best setting or tied with it, else how far behind);
 - a statement, true or false: ``judge_statement``.
@@ -33,12 +34,14 @@ COLORS = {HOLDS: "#5cb85c", LOOSE: "#f0ad4e", WRONG: "#d9534f", NOT_MEASURED: "#
 RULES = {
     HOLDS: "a number within 10% of the claim, or inside a claimed range widened by 10% at each "
     "end; at every setting of a sweep; a count equal to the claim; a bound that is met; a "
-    "direction beyond a 10% margin; a recommended setting that is the best of a grid of runs over "
+    "direction beyond a 10% margin (over seeds, also beyond twice the standard error of the "
+    "difference); a recommended setting that is the best of a grid of runs over "
     "seeds or tied with it (within twice the standard error of the difference), or scores within "
     "10% of it; a true statement",
     LOOSE: "a number outside that, but within a factor of 2 of the claim (or of the range); a "
     "sweep whose worst setting is loose; a bound missed by less than a factor of 2; a "
-    "direction inside the 10% margin (no difference beyond it); a recommended setting whose "
+    "direction inside the 10% margin (no difference beyond it) or, over seeds, within twice the "
+    "standard error of the difference; a recommended setting whose "
     "score is within a factor of 2 of the best's",
     WRONG: "a number off by a factor of 2 or more; a count that differs (a bug); a bound missed "
     "by a factor of 2 or more; a direction reversed by more than the margin; a recommended "
@@ -193,6 +196,26 @@ def best_setting(scores):
         s for s, (m, d, k) in summary.items() if m - mean <= 2 * math.sqrt(sd**2 / n + d**2 / k)
     ]
     return best, tied
+
+
+def judge_better(a, b, *, margin=REL_TOL):
+    """A claim "A scores higher than B" over seeds, from two ``experiments.seed_stats``.
+
+    ``judge_direction`` on the ratio of the means, except that a mean gap within twice its
+    standard error is ``loose`` whatever the ratio: those seeds cannot tell A from B.
+    """
+    for name, stats in (("a", a), ("b", b)):
+        if not isinstance(stats, dict) or not {"mean", "sd", "n"} <= set(stats):
+            raise ValueError(f"{name} must be seed_stats (mean, sd, n...), got {stats!r}")
+    gap = a["mean"] - b["mean"]
+    se = math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"])
+    if abs(gap) <= 2 * se:
+        return LOOSE
+    if b["mean"] <= 0:
+        return HOLDS if gap > 0 else WRONG
+    if a["mean"] <= 0:
+        return WRONG
+    return judge_direction(a["mean"] / b["mean"], margin=margin)
 
 
 def judge_choice(scores, claimed, *, rel_tol=REL_TOL, loose_factor=LOOSE_FACTOR):
@@ -392,6 +415,7 @@ __all__ = [
     "judge",
     "judge_bound",
     "judge_count",
+    "judge_better",
     "judge_direction",
     "judge_statement",
     "judge_sweep",

@@ -19,6 +19,7 @@ from lora_lab.claims import (
     best_setting,
     grid_summary,
     judge,
+    judge_better,
     judge_bound,
     judge_choice,
     judge_count,
@@ -321,3 +322,26 @@ def _lora_lab_names(text):
     import re
 
     return re.findall(r"\blora_lab(?:\.[A-Za-z_][A-Za-z0-9_]*)+", text)
+
+
+def stats(mean, sd, n=3):
+    return {"mean": mean, "sd": sd, "n": n, "min": mean - sd, "max": mean + sd}
+
+
+@pytest.mark.parametrize(
+    "a,b,verdict",
+    [
+        (stats(40.0, 2.0), stats(20.0, 2.0), "holds"),  # far apart, beyond the noise
+        (stats(24.0, 14.0), stats(20.0, 6.0), "loose"),  # 20% higher, but within 2 se
+        (stats(20.0, 2.0), stats(40.0, 2.0), "wrong"),  # the other way, beyond the noise
+        (stats(21.0, 0.1), stats(20.0, 0.1), "loose"),  # beyond the noise, inside the margin
+        (stats(5.0, 0.1), stats(0.0, 0.0), "holds"),  # B scored nothing
+    ],
+)
+def test_judge_better(a, b, verdict):
+    assert judge_better(a, b) == verdict
+
+
+def test_judge_better_refuses_what_is_not_seed_stats():
+    with pytest.raises(ValueError, match="a must be seed_stats"):
+        judge_better(0.5, stats(1.0, 0.1))
