@@ -19,7 +19,9 @@ def test_dora_extra_params():
     inputs = spec.num_layers * spec.intermediate_size
     slip = ch11.dora_extra_params(inputs, targets=("down_proj",))
     assert not slip.correct and "input features" in slip.message
-    assert ch11.dora_extra_params(spec.num_layers * spec.hidden_size, targets=("down_proj",)).correct
+    assert ch11.dora_extra_params(
+        spec.num_layers * spec.hidden_size, targets=("down_proj",)
+    ).correct
 
 
 def test_loraplus_speedup():
