@@ -407,3 +407,22 @@ def test_bad_loraplus_arguments():
         )
     with pytest.raises(ValueError, match="rank must be an integer from 1 to"):
         variants.pissa_factors(torch.randn(4, 6), 5, 1.0)
+
+
+def test_loftq_adapter_files_round_trip_in_lora_lab(tmp_path):
+    """PEFT redoes LoftQ on a GPU only, so its side is not run here; lora_lab's loader redoes it
+    on the original base (same Q) and then loads A and B: the model is the one that was saved."""
+    config = {"loftq_bits": 4, "loftq_iter": 2}
+    ours = apply_lora(tiny_llama(), 4, 4, TARGETS, init_lora_weights="loftq", loftq_config=config)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # "training"
+        for layer in lora_layers(ours).values():
+            layer.lora_B.weight.add_(0.01 * torch.randn(layer.lora_B.weight.shape, generator=gen))
+    save_adapter(ours, tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] == "loftq" and saved["loftq_config"] == config
+    back = load_adapter(tiny_llama(), tmp_path / "a")
+    for name, layer in lora_layers(back).items():
+        assert torch.equal(layer.base_layer.weight, lora_layers(ours)[name].base_layer.weight)
+    with torch.no_grad():
+        assert torch.equal(back(ids()).logits, ours(ids()).logits)
