@@ -26,26 +26,20 @@ import torch.nn.functional as F
 from . import distributed as D
 from .data import TASKS, get_task
 from .lora import ALL_LINEAR
-from .training import IGNORE, _context_length, encode_pairs, logits_of, make_batch
+from .training import (  # global_batches: train()'s batch order, split over the ranks here
+    IGNORE,
+    _context_length,
+    encode_pairs,
+    global_batches,
+    logits_of,
+    make_batch,
+)
 
 METHODS = ("lora", "qlora")
 GRAD_CLIP = 1.0  # as lora_lab.train
 
 
 # ----------------------------------------------------------------------------- the data
-
-
-def global_batches(n_examples, batch_size, steps, seed):
-    """The example indices of each step's global batch: the order ``lora_lab.train`` uses
-    (reshuffled epochs from a generator seeded with ``seed``)."""
-    gen = torch.Generator().manual_seed(seed)
-    order, batches = [], []
-    for _ in range(steps):
-        while len(order) < batch_size:
-            order += torch.randperm(n_examples, generator=gen).tolist()
-        batches.append(order[:batch_size])
-        order = order[batch_size:]
-    return batches
 
 
 def rank_slice(batch_size, world_size, rank):

@@ -132,6 +132,26 @@ class TrainHistory:
         return sum(self.step_time)
 
 
+def global_batches(n_examples, batch_size, steps, seed):
+    """The example indices of each step's batch, ``steps`` lists of ``batch_size``.
+
+    Reshuffled epochs of the train split from a generator seeded with ``seed``: when the
+    current shuffle runs out, a fresh one refills it. ``train`` trains on these batches, and
+    ``python -m lora_lab.finetune`` splits each of them over its ranks (chapter 13).
+    """
+    int_at_least("n_examples", n_examples)
+    int_at_least("batch_size", batch_size)
+    int_at_least("steps", steps, minimum=0)
+    gen = torch.Generator().manual_seed(seed)
+    order, batches = [], []
+    for _ in range(steps):
+        while len(order) < batch_size:
+            order += torch.randperm(n_examples, generator=gen).tolist()
+        batches.append(order[:batch_size])
+        order = order[batch_size:]
+    return batches
+
+
 def train(
     model,
     task,
@@ -218,21 +238,17 @@ def train(
         total_params=sum(p.numel() for p in model.parameters()),
     )
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     was_training = model.training
     model.train()
+    batches = global_batches(len(examples), batch_size, steps, seed)
     bar = tqdm(range(steps), desc=f"train {task.name}", disable=not progress)
     try:
-        order = []
         for step in bar:
             sync(device)
             t0 = time.perf_counter()
-            while len(order) < batch_size:  # refill with fresh shuffles of the train split
-                order += torch.randperm(len(examples), generator=gen).tolist()
-            batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
-            x, y = make_batch(batch, device)
+            x, y = make_batch([examples[i] for i in batches[step]], device)
             with autocast:
                 logits = logits_of(model, x)  # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
