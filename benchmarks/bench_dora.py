@@ -13,54 +13,22 @@ Timing: lora_lab.measure's interleaved timer, the median of paired ratios.
 """
 
 import argparse
-import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import peft  # noqa: E402
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
-from lora_lab.lora import LoRALinear  # noqa: E402
+from benchmarks.bench_lora import layer_pair, train_step  # noqa: E402
 from lora_lab.measure import compare  # noqa: E402
-
-
-def layers(d_in, d_out, rank, use_dora):
-    """The same nn.Linear wrapped by lora_lab and by PEFT, with equal non-zero adapters."""
-    net = nn.Sequential()
-    net.add_module("proj", nn.Linear(d_in, d_out))
-    ours = LoRALinear(copy.deepcopy(net.proj), rank, 2 * rank, use_dora=use_dora)
-    config = peft.LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=["proj"], use_dora=use_dora
-    )
-    theirs = peft.get_peft_model(net, config).base_model.model.proj
-    with torch.no_grad():
-        nn.init.normal_(ours.lora_B.weight, std=0.02)
-        theirs.lora_A["default"].weight.copy_(ours.lora_A.weight)
-        theirs.lora_B["default"].weight.copy_(ours.lora_B.weight)
-        if use_dora:
-            theirs.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude_vector)
-    return ours, theirs
-
-
-def train_step(layer, x):
-    """One forward + backward, gradients reset so nothing accumulates."""
-
-    def step():
-        for p in layer.parameters():
-            p.grad = None
-        x.grad = None
-        layer(x).sum().backward()
-
-    return step
 
 
 def bench(tokens, d, rank, samples, calls):
     x = torch.randn(tokens, d, requires_grad=True)  # (tokens, d)
     steps = {}
     for use_dora in (False, True):
-        ours, theirs = layers(d, d, rank, use_dora)
+        ours, theirs = layer_pair(d, d, rank, 2 * rank, use_dora)
         with torch.no_grad():
             err = (ours(x) - theirs(x)).abs().max() / theirs(x).abs().max()
         assert err < 1e-6, f"the two layers disagree ({err:.2g}): nothing to compare"

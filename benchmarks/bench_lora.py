@@ -31,17 +31,20 @@ def time_pair(fn_a, fn_b, samples, calls):
     return compare(fn_a, fn_b, samples=samples, calls=calls, warmup=5)
 
 
-def layer_pair(d_in, d_out, rank, alpha):
-    """The same nn.Linear wrapped by lora_lab and by PEFT, with equal non-zero A and B."""
+def layer_pair(d_in, d_out, rank, alpha, use_dora=False):
+    """The same nn.Linear wrapped by lora_lab and by PEFT, with equal non-zero A and B
+    (and, with ``use_dora``, equal DoRA magnitudes)."""
     net = nn.Sequential()
     net.add_module("proj", nn.Linear(d_in, d_out))
-    ours = LoRALinear(copy.deepcopy(net.proj), rank=rank, alpha=alpha)
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"])
+    ours = LoRALinear(copy.deepcopy(net.proj), rank=rank, alpha=alpha, use_dora=use_dora)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"], use_dora=use_dora)
     theirs = peft.get_peft_model(net, config).base_model.model.proj
     with torch.no_grad():
         nn.init.normal_(ours.lora_B.weight, std=0.02)
         theirs.lora_A["default"].weight.copy_(ours.lora_A.weight)
         theirs.lora_B["default"].weight.copy_(ours.lora_B.weight)
+        if use_dora:
+            theirs.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude_vector)
     return ours, theirs
 
 
