@@ -15,12 +15,7 @@ then a training step of each method timed interleaved. The plan is
 """
 
 import argparse
-import json
-import os
-import platform
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,28 +25,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from lora_lab import load_model, set_seed  # noqa: E402
 from lora_lab.experiments import COMPARE_FILE, compare_plan, run_comparison  # noqa: E402
-
-
-def load_average():
-    try:
-        return list(os.getloadavg())
-    except OSError:  # not available on this OS
-        return None
-
-
-def write_json(path, data):
-    """Write ``data`` to ``path`` whole or not at all (a temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+from scripts.precompute import Clock, write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -65,23 +39,11 @@ def main(argv=None):
 
     torch.set_num_threads(1)  # one thread: the same numbers on every rerun, and fair timings
     set_seed(0)
-    start, cpu, load = time.perf_counter(), time.process_time(), load_average()
+    clock = Clock()
     base, tok = load_model(None, device="cpu")
     plan = compare_plan(base, quick=args.quick)
     results = run_comparison(base, tok, plan, log=lambda line: print(line, flush=True))
-    results["meta"] = {
-        "script": "scripts/ch08_compare.py" + (" --quick" if args.quick else ""),
-        "quick": args.quick,
-        "model": "lora-lab/tiny-gpt (shipped)",
-        "device": "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "wall_s": round(time.perf_counter() - start, 1),
-        "cpu_s": round(time.process_time() - cpu, 1),
-        "load_average_1_5_15min": {"start": load, "end": load_average()},
-    }
+    results["meta"] = clock.meta("scripts/ch08_compare.py", args.quick)
     write_json(out, results)
     meta = results["meta"]
     print(

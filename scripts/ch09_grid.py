@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scripts.precompute import write_json  # noqa: E402
+
 GRID_FILE = ROOT / "lora_lab" / "results" / "ch09_grid.json"
 TASK = "pirate"  # chapter 5's task, close to pretraining: learned within the budget
 MAX_WIDENINGS = 2  # learning rates added at an edge of the grid, at most, on each side
@@ -257,10 +259,7 @@ def main(argv=None):
         model=model,
         environment={"torch": torch.__version__, "device": device.type},
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(args.out)  # whole or not at all
+    write_json(args.out, result)  # whole or not at all
     print(f"wrote {args.out}: {len(result['runs'])} runs")
 
 

@@ -10,9 +10,7 @@ plan is ``lora_lab.beyond.variants_plan``; chapter 11 reads the file with ``read
 """
 
 import argparse
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from lora_lab import load_model, set_seed  # noqa: E402
 from lora_lab.beyond import VARIANTS_FILE, run_variants, variants_plan  # noqa: E402
-from scripts.ch08_compare import load_average, write_json  # noqa: E402
+from scripts.precompute import Clock, write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -36,23 +34,11 @@ def main(argv=None):
 
     torch.set_num_threads(1)  # one thread: the same numbers on every rerun
     set_seed(0)
-    start, cpu, load = time.perf_counter(), time.process_time(), load_average()
+    clock = Clock()
     base, tok = load_model(None, device="cpu")
     plan = variants_plan(base, quick=args.quick)
     results = run_variants(base, tok, plan, log=lambda line: print(line, flush=True))
-    results["meta"] = {
-        "script": "scripts/ch11_variants.py" + (" --quick" if args.quick else ""),
-        "quick": args.quick,
-        "model": "lora-lab/tiny-gpt (shipped)",
-        "device": "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "wall_s": round(time.perf_counter() - start, 1),
-        "cpu_s": round(time.process_time() - cpu, 1),
-        "load_average_1_5_15min": {"start": load, "end": load_average()},
-    }
+    results["meta"] = clock.meta("scripts/ch11_variants.py", args.quick)
     write_json(out, results)
     meta = results["meta"]
     print(
