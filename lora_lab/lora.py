@@ -78,6 +78,12 @@ def _check_rank(rank, in_features, out_features):
 def _check_base(base, rank):
     if isinstance(base, LoRALinear):
         raise TypeError("base is already a LoRALinear; wrap the plain nn.Linear only once")
+    check_linear_base(base)
+    _check_rank(rank, *layer_features(base))
+
+
+def check_linear_base(base):
+    """A layer LoRA can wrap: an ``nn.Linear`` or transformers ``Conv1D`` with a float weight."""
     if not (isinstance(base, nn.Linear) or is_conv1d(base)):
         raise TypeError(
             f"base must be a torch.nn.Linear or a transformers Conv1D, got {type(base).__name__}"
@@ -87,14 +93,13 @@ def _check_base(base, rank):
             f"base.weight must be a floating-point tensor, got dtype {base.weight.dtype} "
             "(quantized layers need lora_lab.QLoRALinear or PEFT)"
         )
-    _check_rank(rank, *layer_features(base))
 
 
-def _adapter_dtype(adapter_dtype, base):
-    """PEFT's rule (``autocast_adapter_dtype=True``): fp32 adapters on a 16-bit base."""
+def adapter_dtype_for(adapter_dtype, base_dtype):
+    """The adapters' dtype: ``adapter_dtype``, or PEFT's rule (``autocast_adapter_dtype=True``)
+    when it is None: float32 adapters on a 16-bit base, else the base's dtype."""
     if adapter_dtype is None:
-        dtype = base.weight.dtype
-        return torch.float32 if dtype in HALF else dtype
+        return torch.float32 if base_dtype in HALF else base_dtype
     if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
         raise TypeError(
             f"adapter_dtype must be None or a floating torch.dtype (torch.float32, "
@@ -133,7 +138,33 @@ def check_hyperparameters(rank, alpha, dropout, use_rslora):
 # ----------------------------------------------------------------------------- the layer
 
 
-class LoRALinear(nn.Module):
+class WrapsBase:
+    """What a layer wrapping ``self.base_layer`` (an nn.Linear or a Conv1D) shows of it."""
+
+    @property
+    def in_features(self):
+        return layer_features(self.base_layer)[0]
+
+    @property
+    def out_features(self):
+        return layer_features(self.base_layer)[1]
+
+    @property
+    def weight(self):
+        """The base layer's weight (some model code reads ``proj.weight``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def _weight_out_in(self):
+        """The base weight as (out, in), whatever its storage (a Conv1D keeps (in, out))."""
+        weight = self.base_layer.weight
+        return weight.T if is_conv1d(self.base_layer) else weight
+
+
+class LoRALinear(WrapsBase, nn.Module):
     """A frozen ``nn.Linear`` plus the low-rank update ``scaling * B @ A``, as PEFT computes it.
 
     The base may also be transformers' ``Conv1D`` (GPT-2), whose weight is stored transposed,
@@ -167,7 +198,7 @@ class LoRALinear(nn.Module):
         boolean("use_rslora", use_rslora)
         boolean("use_dora", use_dora)
         loftq_config = _check_init(init_lora_weights, loftq_config)
-        dtype = _adapter_dtype(adapter_dtype, base)
+        dtype = adapter_dtype_for(adapter_dtype, base.weight.dtype)
 
         self.base_layer = base.requires_grad_(False)  # frozen W (out, in) and b (out,)
         self.rank = int(rank)
@@ -226,28 +257,6 @@ class LoRALinear(nn.Module):
         self.lora_B.weight.copy_(B)
         stored = self.base_layer.weight
         stored.copy_((frozen.T if self.fan_in_fan_out else frozen).to(stored.dtype))
-
-    def _weight_out_in(self):
-        """The base weight as (out, in), whatever its storage (a Conv1D keeps (in, out))."""
-        weight = self.base_layer.weight
-        return weight.T if self.fan_in_fan_out else weight
-
-    @property
-    def in_features(self):
-        return layer_features(self.base_layer)[0]
-
-    @property
-    def out_features(self):
-        return layer_features(self.base_layer)[1]
-
-    @property
-    def weight(self):
-        """The base layer's weight (some model code reads ``proj.weight``)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
 
     def forward(self, x):  # x: (..., in)
         y = self.base_layer(x)  # (..., out)
@@ -515,7 +524,7 @@ def apply_lora(
     check_hyperparameters(rank, alpha, dropout, use_rslora)
     check_variant(use_dora, init_lora_weights, loftq_config)
     if adapter_dtype is not None:
-        _adapter_dtype(adapter_dtype, None)  # reject a bad value before looking at the model
+        adapter_dtype_for(adapter_dtype, None)  # reject a bad value before looking at the model
     names = find_target_modules(model, target_modules)
     for name in names:  # check every layer before changing any
         try:

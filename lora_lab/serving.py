@@ -23,13 +23,15 @@ import torch
 import torch.nn as nn
 
 from . import adapters, validate
-from .hub import HALF
 from .lora import (
     ALL_LINEAR,
     DEFAULT_TARGETS,
     LoRALinear,
+    WrapsBase,
     _output_head,
+    adapter_dtype_for,
     check_hyperparameters,
+    check_linear_base,
     check_target_modules,
     is_conv1d,
     layer_features,
@@ -44,7 +46,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_\-]+")  # an adapter name is a key of nn.
 # ----------------------------------------------------------------------------- the layer
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(WrapsBase, nn.Module):
     """A frozen ``nn.Linear`` (or transformers ``Conv1D``) with several named LoRA adapters.
 
     ``forward`` adds the active adapter's ``scaling * B (A x)``, or nothing when no adapter is
@@ -56,12 +58,7 @@ class MultiLoRALinear(nn.Module):
 
     def __init__(self, base):
         super().__init__()
-        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
-            raise TypeError(
-                f"base must be a torch.nn.Linear or a transformers Conv1D, got {type(base).__name__}"
-            )
-        if not base.weight.is_floating_point():
-            raise TypeError(f"base.weight must be floating point, got dtype {base.weight.dtype}")
+        check_linear_base(base)
         self.base_layer = base.requires_grad_(False)  # frozen W (out, in) and b (out,)
         self.fan_in_fan_out = is_conv1d(base)  # PEFT's name: the weight is stored (in, out)
         self.lora_A = nn.ModuleDict()  # name -> nn.Linear(in, r): A (r, in)
@@ -71,28 +68,11 @@ class MultiLoRALinear(nn.Module):
         self.active_adapter = None  # the name in use outside a mixed batch; None: base only
         self.row_adapters = None  # during a mixed batch: one name (or BASE) per row
 
-    @property
-    def in_features(self):
-        return layer_features(self.base_layer)[0]
-
-    @property
-    def out_features(self):
-        return layer_features(self.base_layer)[1]
-
-    @property
-    def weight(self):
-        """The base layer's weight (some model code reads ``proj.weight``)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
-
     def add(self, name, rank, alpha, dropout=0.0, use_rslora=False, adapter_dtype=None):
         """Give this layer adapter ``name``: A Kaiming-uniform, B zero (the update starts at 0)."""
         if name in self.lora_A:
             raise ValueError(f"this layer already has an adapter named {name!r}")
-        dtype = _adapter_dtype(adapter_dtype, self.base_layer.weight.dtype)
+        dtype = adapter_dtype_for(adapter_dtype, self.base_layer.weight.dtype)
         kw = {"bias": False, "device": self.base_layer.weight.device, "dtype": dtype}
         self.lora_A[name] = nn.Linear(self.in_features, rank, **kw).requires_grad_(False)
         self.lora_B[name] = nn.Linear(rank, self.out_features, **kw).requires_grad_(False)
@@ -160,17 +140,6 @@ class MultiLoRALinear(nn.Module):
     def extra_repr(self):
         shown = ", ".join(f"{n} (r={self.r[n]}, scaling={self.scaling[n]:g})" for n in self.r)
         return f"adapters: [{shown}], active={self.active_adapter!r}"
-
-
-def _adapter_dtype(adapter_dtype, base_dtype):
-    """PEFT's rule: float32 adapters on a 16-bit base, else the base's dtype."""
-    if adapter_dtype is None:
-        return torch.float32 if base_dtype in HALF else base_dtype
-    if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
-        raise TypeError(
-            f"adapter_dtype must be None or a floating torch.dtype, got {adapter_dtype!r}"
-        )
-    return adapter_dtype
 
 
 def group_rows(adapter_names):
@@ -367,7 +336,7 @@ def add_adapter(
     validate.module("model", model)
     _new_name(model, adapter_name)
     check_hyperparameters(rank, alpha, dropout, use_rslora)
-    _adapter_dtype(adapter_dtype, torch.float32)
+    adapter_dtype_for(adapter_dtype, torch.float32)
     names = find_targets(model, target_modules)
     _check_layers(model, names, rank)
     _add(model, adapter_name, names, rank, alpha, dropout, use_rslora, adapter_dtype)
