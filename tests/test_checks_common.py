@@ -51,3 +51,14 @@ def test_tuples_and_numbers_are_compared_element_by_element():
     assert "result 1: differs" in bad.message
     nan = check_function(lambda a: (torch.tensor([float("nan")]), 4.0), cases, what="p", why="")
     assert "NaN or inf" in nan.message
+
+
+def test_named_slip_names_the_first_matching_slip_only():
+    from lora_lab.checks import named_slip
+
+    slips = [(2.0, "doubled."), (0.5, "halved."), (1.0, "the answer itself is no slip.")]
+    assert named_slip(2.0005, 1.0, slips).message == "2.0005 is not it: doubled."
+    assert named_slip(0.5, 1.0, slips).message.endswith("halved.")
+    assert named_slip(1.0, 1.0, slips) is None  # a slip equal to the expected value never fires
+    assert named_slip(3.0, 1.0, slips) is None and named_slip("2", 1.0, slips) is None
+    assert named_slip(True, 1.0, [(1.0, "bool")]) is None

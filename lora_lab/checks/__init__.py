@@ -46,6 +46,21 @@ def unanswered(hint, placeholder="None"):
     return Result(False, f"No answer yet: replace {placeholder} with your code. Hint: {hint}")
 
 
+def named_slip(answer, expected, slips, rel_tol=1e-3):
+    """The wrong Result for the first known slip ``answer`` matches, or None.
+
+    ``slips`` is a list of ``(value, why)``: an answer within ``rel_tol`` of ``value`` (a
+    value that is not itself the expected one) gets "<answer> is not it: <why>".
+    """
+    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
+        return None
+    for value, why in slips:
+        close = math.isclose(answer, value, rel_tol=rel_tol)
+        if close and not math.isclose(value, expected, rel_tol=rel_tol):
+            return Result(False, f"{answer:g} is not it: {why}")
+    return None
+
+
 def check_number(answer, expected, *, what, why, rel_tol=1e-6, hint=""):
     """Compare a number with the expected one to ``rel_tol``; say why it matters."""
     if answer is None:

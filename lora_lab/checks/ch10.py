@@ -4,23 +4,11 @@ import math
 
 import torch
 
-from lora_lab.checks import Result, check_function, check_number, unanswered
+from lora_lab.checks import Result, check_function, check_number, named_slip, unanswered
 
 
 def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _first_slip(answer, expected, slips):
-    """The message of the first slip whose value ``answer`` matches (and ``expected`` does not)."""
-    if not _is_number(answer):
-        return None
-    for value, why in slips:
-        if not math.isclose(value, expected, rel_tol=1e-3) and math.isclose(
-            answer, value, rel_tol=1e-3
-        ):
-            return Result(False, f"{answer:g} is not it: {why}")
-    return None
 
 
 def chance_overlap(answer, model="llama-2-7b", module="down_proj", i=8, j=64):
@@ -47,7 +35,7 @@ def chance_overlap(answer, model="llama-2-7b", module="down_proj", i=8, j=64):
             "divide by min(i, j)."
         )
     other = spec.intermediate_size if d == spec.hidden_size else spec.hidden_size
-    slip = _first_slip(
+    slip = named_slip(
         answer,
         expected,
         [
@@ -97,7 +85,7 @@ def init_bound(answer, in_features=None, hidden_size=None):
             "b = gain * sqrt(3 / fan_in) and gain = sqrt(2 / (1 + a^2)); "
             "lora_A's fan_in is its number of columns."
         )
-    slip = _first_slip(
+    slip = named_slip(
         answer,
         expected,
         [

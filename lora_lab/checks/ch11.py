@@ -1,11 +1,9 @@
 """Checkers for chapter 11, "Beyond LoRA"."""
 
-import math
-
 import torch
 import torch.nn as nn
 
-from lora_lab.checks import Result, check_function, check_number, unanswered
+from lora_lab.checks import check_function, check_number, named_slip, unanswered
 
 
 def dora_extra_params(answer, model="llama-2-7b", targets=("q_proj", "v_proj")):
@@ -23,12 +21,13 @@ def dora_extra_params(answer, model="llama-2-7b", targets=("q_proj", "v_proj")):
     )
     if answer is None:
         return unanswered(why)
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        if answer == expected // spec.num_layers:
-            return Result(False, f"{answer:,} is one block's; the model has {spec.num_layers}.")
-        inputs = sum(fin for _, fin, _ in layers)
-        if answer == inputs and inputs != expected:
-            return Result(False, f"{answer:,} counts input features; m has one entry per output.")
+    slips = [
+        (expected / spec.num_layers, f"that is one block's; the model has {spec.num_layers}."),
+        (sum(fin for _, fin, _ in layers), "that counts input features; m has one per output."),
+    ]
+    slip = named_slip(answer, expected, slips, rel_tol=1e-9)
+    if slip is not None:
+        return slip
     return check_number(answer, expected, what="DoRA's extra trainable parameters", why=why)
 
 
@@ -44,9 +43,14 @@ def loraplus_speedup(answer, sweep):
     )
     if answer is None:
         return unanswered(why)
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool) and answer > 0:
-        if math.isclose(answer, 1 / expected, rel_tol=0.01) and not math.isclose(expected, 1):
-            return Result(False, f"{answer:.3g} is the inverse: LoRA's steps over LoRA+'s.")
+    slip = named_slip(
+        answer,
+        expected,
+        [(1 / expected, "that is the inverse, LoRA+'s steps over LoRA's.")],
+        rel_tol=0.01,
+    )
+    if slip is not None:
+        return slip
     return check_number(
         answer, expected, what=f"LoRA's steps / LoRA+'s (ratio {best})", why=why, rel_tol=0.01
     )

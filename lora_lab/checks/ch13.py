@@ -1,19 +1,6 @@
 """Checkers for chapter 13, "Scaling out"."""
 
-import math
-
-from lora_lab.checks import Result, check_function, check_number, unanswered
-
-
-def _slip(answer, expected, slips):
-    """The Result naming the first slip ``answer`` matches (a number off from ``expected``)."""
-    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
-        return None
-    for value, why in slips:
-        close = math.isclose(answer, value, rel_tol=1e-3)
-        if close and not math.isclose(value, expected, rel_tol=1e-3):
-            return Result(False, f"{answer:g} is not it: {why}")
-    return None
+from lora_lab.checks import check_function, check_number, named_slip, unanswered
 
 
 def rank_rows(fn):
@@ -43,7 +30,7 @@ def shard_gib(answer, gpus=8, bytes_per_param=2):
     expected = n * bytes_per_param / gpus / 2**30
     if answer is None:
         return unanswered("count the parameters, times 2 bytes (bf16), split evenly over the GPUs")
-    slip = _slip(
+    slip = named_slip(
         answer,
         expected,
         [
@@ -73,7 +60,7 @@ def token_weight(answer, tokens=(40, 80)):
     expected = b / a
     if answer is None:
         return unanswered("a rank's mean gives each of its tokens 1/(its tokens); DDP halves that")
-    slip = _slip(
+    slip = named_slip(
         answer,
         expected,
         [
