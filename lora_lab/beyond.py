@@ -160,6 +160,7 @@ def method_scores(results):
         out[method] = {
             "lr": lr,
             "bracketed": bracketed,
+            "exact_each": [100 * r["test"]["exact"] for r in runs],  # per seed
             "exact": seed_stats([100 * r["test"]["exact"] for r in runs]),
             "char_acc": seed_stats([100 * r["test"]["char_acc"] for r in runs]),
             "train_loss": seed_stats([r["train_loss"] for r in runs]),
@@ -168,6 +169,31 @@ def method_scores(results):
             "curves": [r["loss_curve"] for r in runs],
         }
     return out
+
+
+def committed_run(results, method, lr, seed, ratio=None):
+    """The committed run of ``method`` at ``lr`` with ``seed`` (LoRA+ at ``ratio`` if given;
+    else the method's own runs, part "methods")."""
+    runs = [r for r in _runs(results, method, ratio) if r["lr"] == lr and r["seed"] == seed]
+    if not runs:
+        raise ValueError(f"no committed run of {method!r} (ratio {ratio}) at lr {lr} seed {seed}")
+    return runs[0]
+
+
+def chapter8_pairs(results, ch08):
+    """``[(run here, chapter 8's run)]``: plain LoRA here beside chapter 8's "LoRA all-linear"
+    on the same task at the same rate and seed (``ch08``: ``experiments.read_compare()``)."""
+    theirs = {
+        (r["lr"], r["seed"]): r
+        for r in ch08["runs"]
+        if r["method"] == "LoRA all-linear" and r["task"] == results["plan"]["task"]
+        and r["part"] == "grid"
+    }  # fmt: skip
+    return [
+        (r, theirs[r["lr"], r["seed"]])
+        for r in _runs(results, "LoRA")
+        if (r["lr"], r["seed"]) in theirs
+    ]
 
 
 def smooth(curve, window=WINDOW):
@@ -191,6 +217,12 @@ def steps_to_target(curve, target, window=WINDOW):
     return None
 
 
+def mean_steps_to_target(curves, target, limit):
+    """Per curve, the steps to ``target`` (``limit`` + 1 when never reached), and their mean."""
+    steps = [steps_to_target(c, target) or limit + 1 for c in curves]
+    return steps, sum(steps) / len(steps)
+
+
 def target_loss(results):
     """The loss LoRA ends at: its smoothed final loss at its chosen rate, mean over seeds."""
     runs = _chosen(_runs(results, "LoRA"))[2]
@@ -209,12 +241,14 @@ def loraplus_sweep(results):
     out = {}
     for ratio in sorted(sets):
         lr, bracketed, runs = _chosen(sets[ratio])
-        steps = [steps_to_target(r["loss_curve"], target) or plan["steps"] + 1 for r in runs]
+        curves = [r["loss_curve"] for r in runs]
+        steps, mean = mean_steps_to_target(curves, target, plan["steps"])
         out[ratio] = {
             "lr": lr,
             "bracketed": bracketed,
             "steps": steps,
-            "steps_mean": sum(steps) / len(steps),
+            "steps_mean": mean,
+            "curves": curves,
             "exact": seed_stats([100 * r["test"]["exact"] for r in runs]),
             "train_loss": seed_stats([r["train_loss"] for r in runs]),
         }

@@ -122,9 +122,9 @@ def _check_init(init_lora_weights, loftq_config):
 
 
 def check_variant(use_dora=False, init_lora_weights=True, loftq_config=None):
-    """Validate the variant switches of apply_lora (chapter 11) before any layer changes."""
+    """Validate the variant switches (chapter 11); return the LoftQ settings (None unless LoftQ)."""
     boolean("use_dora", use_dora)
-    _check_init(init_lora_weights, loftq_config)
+    return _check_init(init_lora_weights, loftq_config)
 
 
 def check_hyperparameters(rank, alpha, dropout, use_rslora):
@@ -196,8 +196,7 @@ class LoRALinear(WrapsBase, nn.Module):
         finite_number("alpha", alpha, minimum=0)
         probability("dropout", dropout)
         boolean("use_rslora", use_rslora)
-        boolean("use_dora", use_dora)
-        loftq_config = _check_init(init_lora_weights, loftq_config)
+        loftq_config = check_variant(use_dora, init_lora_weights, loftq_config)
         dtype = adapter_dtype_for(adapter_dtype, base.weight.dtype)
 
         self.base_layer = base.requires_grad_(False)  # frozen W (out, in) and b (out,)

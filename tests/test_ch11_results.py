@@ -13,6 +13,8 @@ from lora_lab import load_pretrained
 from lora_lab.beyond import (
     LORAPLUS_RATIO,
     VARIANTS_FILE,
+    chapter8_pairs,
+    committed_run,
     loraplus_sweep,
     method_scores,
     read_variants,
@@ -49,31 +51,17 @@ def test_every_method_chose_a_bracketed_rate_and_learnt(results):
 
 
 def test_plain_lora_is_chapter_8s_all_linear_lora_run_for_run(results):
-    ch08 = read_compare()
-    pairs = 0
-    for run in (r for r in results["runs"] if r["method"] == "LoRA" and r["part"] == "methods"):
-        for old in ch08["runs"]:
-            same = (old["method"], old["task"], old["part"], old["lr"], old["seed"]) == (
-                "LoRA all-linear",
-                "reverse3",
-                "grid",
-                run["lr"],
-                run["seed"],
-            )
-            if same:
-                assert old["train_loss"] == run["train_loss"] and old["test"] == run["test"]
-                pairs += 1
-    assert pairs >= 9  # three shared rates, three seeds
+    pairs = chapter8_pairs(results, read_compare())
+    assert len(pairs) >= 9  # three shared rates, three seeds
+    for ours, theirs in pairs:
+        assert ours["train_loss"] == theirs["train_loss"] and ours["test"] == theirs["test"]
 
 
 @pytest.mark.slow
 def test_a_fresh_run_repeats_a_committed_one(results):
     scores = method_scores(results)
     lr = scores["DoRA"]["lr"]
-    committed = next(
-        r for r in results["runs"]
-        if r["method"] == "DoRA" and r["part"] == "methods" and r["lr"] == lr and r["seed"] == 0
-    )  # fmt: skip
+    committed = committed_run(results, "DoRA", lr, seed=0)
     plan = results["plan"]
     run = finetune(load_pretrained(device="cpu"), plan["task"], plan["steps"], lr,
                    lora=plan["methods"]["DoRA"], batch_size=plan["batch_size"], seed=0)  # fmt: skip
