@@ -369,8 +369,10 @@ class LoRALinear(WrapsBase, nn.Module):
 # ----------------------------------------------------------------------------- injection
 
 
-def _inside_lora(name, lora_names):
-    return any(name.startswith(prefix + ".") for prefix in lora_names)
+def _inside(name, prefixes):
+    """True if a proper prefix of the dotted ``name`` is in the set ``prefixes``."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
 
 
 def _output_head(model):
@@ -385,16 +387,43 @@ def _output_head(model):
     return getattr(model, "lm_head", None)
 
 
-def linear_names(model):
-    """Names of the linear layers (nn.Linear, Conv1D, LoRALinear) of ``model``, not LoRA's own."""
-    lora_names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+def linear_names(model, wrappers=None):
+    """Names of the linear layers (nn.Linear, Conv1D, a LoRA wrapper) of ``model``, not the
+    layers inside a wrapper. ``wrappers``: the wrapper classes (default: LoRALinear)."""
+    wrappers = (LoRALinear,) if wrappers is None else tuple(wrappers)
+    inside = {n for n, m in model.named_modules() if isinstance(m, wrappers)}
     return [
         name
         for name, module in model.named_modules()
         if name
-        and (isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module))
-        and not _inside_lora(name, lora_names)
+        and not _inside(name, inside)
+        and (isinstance(module, (nn.Linear, *wrappers)) or is_conv1d(module))
     ]
+
+
+def matching_names(model, target_modules, wrappers=None):
+    """``(names, linear)``: the modules ``target_modules`` selects under PEFT's rules, and the
+    linear layers (``linear_names``) an error lists when it selects none; never a layer inside
+    one of the ``wrappers``. Checks of what was selected are the caller's."""
+    given, target_modules = target_modules, check_target_modules(target_modules)
+    linear = linear_names(model, wrappers)
+    if target_modules == ALL_LINEAR:
+        head = _output_head(model)
+        names = [n for n in linear if model.get_submodule(n) is not head]
+    else:
+        wrappers = (LoRALinear,) if wrappers is None else tuple(wrappers)
+        inside = {n for n, m in model.named_modules() if isinstance(m, wrappers)}
+        names = [
+            n
+            for n, _ in model.named_modules()
+            if n and target_matches(n, target_modules) and not _inside(n, inside)
+        ]
+    if not names:
+        raise ValueError(
+            f"target_modules {given!r} matched no module; the linear layers are: "
+            f"{_short_list(linear)}"
+        )
+    return names, linear
 
 
 def check_target_modules(target_modules):
@@ -452,33 +481,17 @@ def find_target_modules(model, target_modules=DEFAULT_TARGETS):
     if a match is not an ``nn.Linear``, and ValueError if a match already carries LoRA.
     """
     validate.module("model", model)
-    given, target_modules = target_modules, check_target_modules(target_modules)
-    linear = linear_names(model)
-    if target_modules == ALL_LINEAR:
-        head = _output_head(model)
-        names = [n for n in linear if model.get_submodule(n) is not head]
-    else:
-        lora_names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-        names = [
-            n
-            for n, _ in model.named_modules()
-            if n and target_matches(n, target_modules) and not _inside_lora(n, lora_names)
-        ]
-    if not names:
-        raise ValueError(
-            f"target_modules {given!r} matched no module; the linear layers are: "
-            f"{_short_list(linear)}"
-        )
+    names, _ = matching_names(model, target_modules)
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             raise ValueError(
-                f"target_modules {given!r} matched {name!r}, which already has LoRA; "
+                f"target_modules {target_modules!r} matched {name!r}, which already has LoRA; "
                 "apply LoRA once per layer (merge_lora first to start over)"
             )
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise TypeError(
-                f"target_modules {given!r} matched {name!r}, a {type(module).__name__}; "
+                f"target_modules {target_modules!r} matched {name!r}, a {type(module).__name__}; "
                 "LoRALinear wraps torch.nn.Linear and transformers Conv1D layers only"
             )
     return names

@@ -24,19 +24,17 @@ import torch.nn as nn
 
 from . import adapters, validate
 from .lora import (
-    ALL_LINEAR,
     DEFAULT_TARGETS,
     LoRALinear,
     WrapsBase,
-    _output_head,
+    _inside,
     adapter_dtype_for,
     check_hyperparameters,
     check_linear_base,
-    check_target_modules,
     is_conv1d,
     layer_features,
+    matching_names,
     replace_module,
-    target_matches,
 )
 
 BASE = "__base__"  # PEFT's name, in adapter_names, for a row that uses no adapter
@@ -159,42 +157,9 @@ def multi_lora_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
 
 
-def _inside(name, prefixes):
-    """True if a proper prefix of the dotted ``name`` is in the set ``prefixes``."""
-    parts = name.split(".")
-    return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
-
-
-def _candidates(model):
-    """Names of the layers an adapter may target: linear layers, wrapped or not."""
-    multi = set(multi_lora_layers(model))
-    return [
-        n
-        for n, m in model.named_modules()
-        if n
-        and not _inside(n, multi)
-        and (isinstance(m, (nn.Linear, MultiLoRALinear, LoRALinear)) or is_conv1d(m))
-    ]
-
-
 def find_targets(model, target_modules):
     """Full names of the layers ``target_modules`` selects (PEFT's rules; see lora.py)."""
-    given, target_modules = target_modules, check_target_modules(target_modules)
-    linear = _candidates(model)
-    if target_modules == ALL_LINEAR:
-        head = _output_head(model)
-        names = [n for n in linear if model.get_submodule(n) is not head]
-    else:
-        multi = set(multi_lora_layers(model))
-        names = [
-            n
-            for n, _ in model.named_modules()
-            if n and not _inside(n, multi) and target_matches(n, target_modules)
-        ]
-    if not names:
-        raise ValueError(
-            f"target_modules {given!r} matched no module; the linear layers are: {linear}"
-        )
+    names, _ = matching_names(model, target_modules, wrappers=(MultiLoRALinear, LoRALinear))
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
@@ -204,7 +169,7 @@ def find_targets(model, target_modules):
             )
         if not (isinstance(module, (nn.Linear, MultiLoRALinear)) or is_conv1d(module)):
             raise TypeError(
-                f"target_modules {given!r} matched {name!r}, a {type(module).__name__}; "
+                f"target_modules {target_modules!r} matched {name!r}, a {type(module).__name__}; "
                 "adapters go on torch.nn.Linear and transformers Conv1D layers only"
             )
     return names
